@@ -1,0 +1,620 @@
+"""The drinks dataset: VIA polygon annotations -> (image, class-map mask) pairs, transforms and loaders.
+
+Reads ``segmentation_train.json`` / ``segmentation_test.json`` (VGG Image Annotator 2 format) from the data
+folder, rasterises each region into an (H, W) class map (0 background, 1 Water, 2 Soda, 3 Juice) once, and
+serves images with joint image/mask transforms. The data folder is only ever read.
+
+Print a summary of a split (image count, images with no object, pixels per class):
+
+    python data_generator.py --data-path ../shared/datasets/drinks --split test
+    python data_generator.py --split train --json
+    python data_generator.py --split test --figure figures/test_annotations.png
+    python data_generator.py --download            # fetch the dataset into dataset/drinks
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+DEFAULT_DATA_PATH = "dataset/drinks"
+DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")
+ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}
+# Background black, as in the book's figures; then one clear colour per drink.
+PALETTE = ((0, 0, 0), (30, 144, 255), (220, 20, 60), (255, 165, 0))
+# A public copy of the archive (Google Drive, shared by a course that uses the book). DRINKS_URL overrides it.
+DEFAULT_URL = "https://drive.usercontent.google.com/download?id=1AdMbVK110IKLG7wJKhga2N2fitV1bVPA&export=download&confirm=t"
+JSON_SHA256 = {
+    "segmentation_train.json": "924f6aff8c8519b044bc677f14aeae6cefb82d3ba49474a5e60e7e6cda35f7b5",
+    "segmentation_test.json": "60d6ac0760b5d6d32ec51044d7add99fd99047e8ca377bef02d7cb30c05a0017",
+}
+
+
+class DataError(ValueError):
+    """A problem with the dataset on disk; the message names the file and says what is wrong."""
+
+
+def default_data_path():
+    """``$DRINKS_DATA`` when set, else ``dataset/drinks``."""
+    return os.environ.get("DRINKS_DATA") or DEFAULT_DATA_PATH
+
+
+# --------------------------------------------------------------------------------------------------- annotations
+
+def _read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: annotation file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+
+
+def _class_attribute(via, path):
+    """(region attribute name, class names) from VIA's ``_via_attributes``, defaulting to the drinks classes."""
+    region_attrs = via.get("_via_attributes", {}).get("region", {}) if isinstance(via, dict) else {}
+    if not region_attrs:
+        return "Name", list(DEFAULT_CLASS_NAMES)
+    key = "Name" if "Name" in region_attrs else next(iter(region_attrs))
+    options = region_attrs[key].get("options") or {}
+    if not options:
+        return key, list(DEFAULT_CLASS_NAMES)
+    try:
+        ids = sorted(int(k) for k in options)
+    except ValueError:
+        raise DataError(f"{path}: class options of attribute {key!r} must be integer ids, got {list(options)}") from None
+    if ids != list(range(1, len(ids) + 1)):
+        raise DataError(f"{path}: class ids of attribute {key!r} must be 1..N, got {ids}")
+    return key, ["background"] + [str(options[str(i)]) for i in ids]
+
+
+def read_via(path):
+    """Parse a VIA 2 project or annotation export.
+
+    Returns ``(class_names, entries)`` where entries is a list of ``(filename, regions)`` in file order, each
+    region a ``(shape_attributes, class_id)`` pair. Raises DataError naming the file and entry on bad input.
+    """
+    via = _read_json(path)
+    if not isinstance(via, dict):
+        raise DataError(f"{path}: expected a VIA JSON object, got {type(via).__name__}")
+    metadata = via.get("_via_img_metadata", via)  # a project file, or the bare "export as json" dict
+    key, class_names = _class_attribute(via, path)
+    entries = []
+    for entry_key, item in metadata.items():
+        if entry_key.startswith("_via_"):
+            continue
+        if not isinstance(item, dict) or "filename" not in item:
+            raise DataError(f"{path}: entry {entry_key!r} has no 'filename'")
+        regions = []
+        for i, region in enumerate(item.get("regions") or []):
+            where = f"{path}: entry {entry_key!r} region {i}"
+            label = (region.get("region_attributes") or {}).get(key)
+            try:
+                class_id = int(label)
+            except (TypeError, ValueError):
+                class_id = -1
+            if not 1 <= class_id < len(class_names):
+                raise DataError(f"{where}: unknown class {label!r} (expected one of 1..{len(class_names) - 1})")
+            shape = region.get("shape_attributes") or {}
+            _check_shape(shape, where)
+            regions.append((shape, class_id))
+        entries.append((item["filename"], regions))
+    if not entries:
+        raise DataError(f"{path}: no annotated images in the file")
+    return class_names, entries
+
+
+RASTERISED_SHAPES = ("polygon", "rect", "circle", "ellipse")
+
+
+def _check_shape(shape, where):
+    name = shape.get("name")
+    if name not in RASTERISED_SHAPES:
+        raise DataError(f"{where}: shape {name!r} has no area to fill (supported: {', '.join(RASTERISED_SHAPES)})")
+    if name == "polygon":
+        xs, ys = shape.get("all_points_x") or [], shape.get("all_points_y") or []
+        if len(xs) != len(ys):
+            raise DataError(f"{where}: polygon has {len(xs)} x and {len(ys)} y coordinates")
+        if len(xs) < 3:
+            raise DataError(f"{where}: polygon has {len(xs)} points, at least 3 are needed")
+
+
+def _shape_pixels(shape, height, width):
+    """(rows, cols) of the pixels inside a VIA shape, clipped to the image."""
+    from skimage import draw
+
+    hw = (height, width)
+    name = shape["name"]
+    if name == "polygon":
+        xs = np.clip(np.asarray(shape["all_points_x"], dtype=float), 0, width - 1)
+        ys = np.clip(np.asarray(shape["all_points_y"], dtype=float), 0, height - 1)
+        return draw.polygon(ys, xs, shape=hw)
+    if name == "rect":
+        x, y, w, h = (float(shape[k]) for k in ("x", "y", "width", "height"))
+        return draw.polygon([y, y, y + h, y + h], [x, x + w, x + w, x], shape=hw)
+    if name == "circle":
+        return draw.disk((float(shape["cy"]), float(shape["cx"])), float(shape["r"]), shape=hw)
+    # ellipse: VIA's theta is the rotation in radians, counter-clockwise in image coordinates
+    return draw.ellipse(float(shape["cy"]), float(shape["cx"]), float(shape["ry"]), float(shape["rx"]), shape=hw,
+                        rotation=-float(shape.get("theta", 0.0)))
+
+
+def rasterise(regions, height, width):
+    """(H, W) uint8 class map of VIA regions; later regions overwrite earlier ones, the rest is background."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for shape, class_id in regions:
+        rows, cols = _shape_pixels(shape, height, width)
+        mask[rows, cols] = class_id
+    return mask
+
+
+def read_legacy_masks(path, allow_pickle=False):
+    """The book's ``segmentation_train.npy``: a pickled dict filename -> (H, W, n_classes) one-hot uint8.
+
+    Unpickling can run arbitrary code, so this refuses unless ``allow_pickle`` is set.
+    Returns ``{filename: (H, W) uint8 class map}``.
+    """
+    path = Path(path)
+    if not allow_pickle:
+        raise DataError(f"{path}: the book's .npy masks are a pickle, which can run code when loaded; "
+                        f"pass --allow-pickle only if you trust this file (the JSON annotations need no pickle)")
+    if not path.is_file():
+        raise DataError(f"{path}: legacy mask file not found")
+    try:
+        data = np.load(path, allow_pickle=True).item()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DataError(f"{path}: cannot read legacy masks ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty dict of filename -> one-hot mask")
+    masks = {}
+    for name, onehot in data.items():
+        onehot = np.asarray(onehot)
+        if onehot.ndim != 3:
+            raise DataError(f"{path}: entry {name!r} has shape {onehot.shape}, expected (H, W, n_classes)")
+        masks[str(name)] = onehot.argmax(axis=-1).astype(np.uint8)
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+def read_image(path, where=None):
+    """An RGB uint8 (H, W, 3) array; grayscale, palette and RGBA images are converted to RGB."""
+    where = where or str(path)
+    if not Path(path).is_file():
+        raise DataError(f"{where}: image file not found")
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))  # a writable copy
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot read image ({e})") from None
+
+
+def image_size(path, where=None):
+    """(height, width) from the image header, without decoding it."""
+    where = where or str(path)
+    if not Path(path).is_file():
+        raise DataError(f"{where}: image file not found")
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where}: cannot read image ({e})") from None
+
+
+class Annotations:
+    """The annotated images of one annotation file: filenames, class names and native-size class maps.
+
+    Each mask is rasterised from its regions on first use and cached, so a split only fills the polygons of
+    the images it uses, once. ``masks`` may be given ready-made instead (the legacy .npy format).
+    """
+
+    def __init__(self, root, filenames, class_names, regions=None, sizes=None, masks=None):
+        self.root, self.filenames, self.class_names = Path(root), list(filenames), list(class_names)
+        self.regions, self.sizes = regions, sizes
+        self._masks = list(masks) if masks is not None else [None] * len(self.filenames)
+
+    def __len__(self):
+        return len(self.filenames)
+
+    def mask(self, index):
+        """(H, W) uint8 class map of image ``index``."""
+        if self._masks[index] is None:
+            self._masks[index] = rasterise(self.regions[index], *self.sizes[index])
+        return self._masks[index]
+
+    @property
+    def masks(self):
+        """Every class map (rasterising those not done yet)."""
+        return [self.mask(i) for i in range(len(self))]
+
+    def subset(self, indices):
+        """The annotations at ``indices``, in that order."""
+        indices = list(indices)
+        pick = (lambda xs: None if xs is None else [xs[i] for i in indices])
+        return Annotations(self.root, pick(self.filenames), self.class_names, pick(self.regions),
+                           pick(self.sizes), pick(self._masks))
+
+
+def load_annotations(data_path, split, legacy_masks=None, allow_pickle=False):
+    """Read ``split`` ("train" or "test") from ``data_path`` and rasterise its masks once.
+
+    With ``legacy_masks`` (a path to the book's .npy, needs ``allow_pickle``) masks come from that file instead.
+    Only files the annotations list are touched; each mask has its own image's size.
+    """
+    root = Path(data_path)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found (set --data-path or DRINKS_DATA, "
+                        f"or run: python data_generator.py --download)")
+    if legacy_masks is not None:
+        by_name = read_legacy_masks(legacy_masks, allow_pickle)
+        names = sorted(by_name)
+        for name in names:
+            image_size(root / name, f"{legacy_masks}: entry {name!r}: {root / name}")
+        class_names = list(DEFAULT_CLASS_NAMES) + [str(c) for c in range(len(DEFAULT_CLASS_NAMES), _n_classes(by_name))]
+        return Annotations(root, names, class_names, masks=[by_name[n] for n in names])
+    json_path = root / ANNOTATION_FILES[split]
+    class_names, entries = read_via(json_path)
+    sizes = [image_size(root / name, f"{json_path}: entry {name!r}: {root / name}") for name, _ in entries]
+    return Annotations(root, [name for name, _ in entries], class_names, [r for _, r in entries], sizes)
+
+
+def _n_classes(masks):
+    return max(len(DEFAULT_CLASS_NAMES), int(max(m.max() for m in masks.values())) + 1)
+
+
+def split_indices(n, val_fraction=0.1, seed=0):
+    """Seeded (train, val) index lists of a training set of ``n`` images; val has round(n * fraction) images."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+# --------------------------------------------------------------------------------------------------- transforms
+
+def train_transform(height, width, augment=True):
+    """Joint image/mask transform for training: resize to (height, width), plus flip, scale-crop and jitter.
+
+    With ``augment=False`` it is the book's plain pipeline: a resize. Images stay uint8 (scaled on the device);
+    masks are resized by nearest neighbour (tv_tensors.Mask).
+    """
+    if not augment:
+        return v2.Resize((height, width), antialias=True)
+    aspect = width / height
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomResizedCrop((height, width), scale=(0.4, 1.0), ratio=(aspect * 0.85, aspect / 0.85), antialias=True),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+    ])
+
+
+def eval_transform(height, width):
+    """Resize the image to the model's input size; the mask is left at native resolution for the metrics."""
+    resize = v2.Resize((height, width), antialias=True)
+    return lambda image, mask: (resize(image), mask)
+
+
+class SegmentationDataset(Dataset):
+    """(image uint8 (3, H, W), mask uint8 (H', W')) pairs of some annotations, through a joint transform.
+
+    Masks are rasterised up front, and with ``cache_images`` every image is decoded once (threads), so epochs
+    and forked loader workers reuse the pixels; without it each image is read from disk on use.
+    An ``(index, seed)`` key runs the transform under that seed (see EpochSampler): augmentation is then the
+    same whatever the number of workers, and an interrupted run can resume exactly.
+    """
+
+    def __init__(self, annotations, transform=None, cache_images=True, workers=4):
+        self.annotations = annotations
+        self.transform = transform
+        self.masks = annotations.masks  # (H, W) uint8 each, filled once here, before workers fork
+        self.images = None
+        if cache_images:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                self.images = list(pool.map(self._read, range(len(annotations))))
+
+    def _read(self, index):
+        path = self.annotations.root / self.annotations.filenames[index]
+        image = read_image(path)
+        mask_hw = self.masks[index].shape
+        if image.shape[:2] != mask_hw:
+            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but its annotations are for "
+                            f"{mask_hw[1]}x{mask_hw[0]}")
+        return image
+
+    def __len__(self):
+        return len(self.annotations)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.images[index] if self.images is not None else self._read(index)
+        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))  # (3, H, W) uint8
+        mask = tv_tensors.Mask(torch.from_numpy(self.masks[index]))  # (H, W) uint8
+        if self.transform is not None:
+            if seed is None:
+                image, mask = self.transform(image, mask)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image, mask = self.transform(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+class EpochSampler(DistributedSampler):
+    """Training sampler: a fresh shuffle each epoch from (seed, epoch), sharded over ranks, yielding
+    ``(index, sample_seed)`` keys whose seed fixes that sample's augmentation.
+
+    Call ``set_epoch`` before each epoch. ``skip`` leaves out this rank's first samples of the epoch, to resume
+    mid-epoch. Without a process group it is a single replica.
+    """
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(len(self.dataset), np.uint64)
+        return iter([(i, int(seeds[i] >> np.uint64(1))) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def collate_eval(batch):
+    """Stack images (all at the model's size); keep native masks as a list, since their sizes may differ."""
+    images, masks = zip(*batch)
+    return torch.stack(images), list(masks)
+
+
+class ShardSampler(Sampler):
+    """Rank ``rank``'s share of the indices, ``rank::world_size``, without padding.
+
+    DistributedSampler pads with repeated samples so every rank gets the same count; metrics summed over ranks
+    would count those twice (pytorch/vision#4559). Evaluation needs no equal counts, so nothing is repeated.
+    """
+
+    def __init__(self, n, rank=0, world_size=1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_loader(dataset, batch_size, train, workers=2, seed=0, rank=0, world=1, pin_memory=None):
+    """DataLoader for training (EpochSampler, drop_last) or evaluation (in order, native masks as a list).
+
+    drop_last in training because BatchNorm cannot train on a final batch of one image. With ``world`` > 1,
+    rank ``rank`` gets its shard. Call ``loader.sampler.set_epoch(epoch)`` before each training epoch.
+    """
+    sampler = EpochSampler(dataset, world, rank, seed) if train else ShardSampler(len(dataset), rank, world)
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        drop_last=train, persistent_workers=workers > 0, collate_fn=None if train else collate_eval,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def make_dataset(data_path, split, height, width, augment=True, val_fraction=0.1, seed=0, limit=None,
+                 cache_images=True, workers=4, legacy_masks=None, allow_pickle=False):
+    """The dataset of ``split``: "train" and "val" are a seeded split of the training annotations, "test" the
+    test file. ``limit`` keeps the first N images of the split (smoke runs). Returns (dataset, class_names)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if split == "test":
+        ann = load_annotations(data_path, "test")
+    else:
+        ann = load_annotations(data_path, "train", legacy_masks, allow_pickle)
+        train_idx, val_idx = split_indices(len(ann), val_fraction, seed)
+        ann = ann.subset(train_idx if split == "train" else val_idx)
+    if limit is not None:
+        ann = ann.subset(range(min(limit, len(ann))))
+    if len(ann) == 0:
+        raise DataError(f"{data_path}: split {split!r} is empty (val_fraction={val_fraction}, limit={limit})")
+    transform = train_transform(height, width, augment) if split == "train" else eval_transform(height, width)
+    return SegmentationDataset(ann, transform, cache_images, workers), ann.class_names
+
+
+# --------------------------------------------------------------------------------------------------- download
+
+def sha256_file(path):
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url, dest):
+    """Download ``url`` to ``dest`` with a progress bar, via a temporary name."""
+    from tqdm import tqdm
+
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)}). Offline? Get drinks.tar.gz by hand "
+                        f"(dataset/README.md says where), then run: tar -xzf drinks.tar.gz -C {dest.parent}") from None
+    tmp.replace(dest)
+
+
+def _extract_verified(archive, target, checksums):
+    """Extract ``archive`` safely, check the JSON checksums, then move its ``drinks/`` folder to ``target``."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".extract-") as tmp:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")  # refuses members that escape tmp, links outside, devices
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{archive}: cannot extract archive safely ({e})") from None
+        found = [p.parent for p in Path(tmp).rglob(ANNOTATION_FILES["train"])]
+        if not found:
+            raise DataError(f"{archive}: no {ANNOTATION_FILES['train']} in the archive")
+        folder = found[0]
+        for name, expected in checksums.items():
+            if not (folder / name).is_file():
+                raise DataError(f"{archive}: {name} is missing from the archive")
+            actual = sha256_file(folder / name)
+            if actual != expected:
+                raise DataError(f"{archive}: {name} has SHA-256 {actual}, expected {expected}")
+        folder.rename(target)
+
+
+def download_drinks(target=DEFAULT_DATA_PATH, url=None, checksums=None):
+    """Download and extract the drinks archive so that ``target`` holds the dataset; returns ``target``.
+
+    The archive's two JSON files must match ``checksums`` (default: the published SHA-256s). Nothing is left
+    half-written: the archive is downloaded to a temporary name and extracted beside the target first.
+    """
+    target = Path(target)
+    if (target / ANNOTATION_FILES["train"]).is_file():
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise DataError(f"{target}: folder exists but has no {ANNOTATION_FILES['train']}; move it away first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    url = url or os.environ.get("DRINKS_URL") or DEFAULT_URL
+    archive = target.parent / "drinks.tar.gz"
+    if not archive.is_file():
+        _fetch(url, archive)
+    if target.exists():
+        target.rmdir()
+    _extract_verified(archive, target, JSON_SHA256 if checksums is None else checksums)
+    return target
+
+
+def ensure_data(data_path, url=None):
+    """Return ``data_path``; download the dataset first if it is the default location and missing."""
+    path = Path(data_path)
+    if not path.exists() and path == Path(DEFAULT_DATA_PATH):
+        print(f"{path} not found: downloading the drinks dataset")
+        download_drinks(path, url)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- summary
+
+def summarise(ann):
+    """Image count, images with no object and per-class pixel counts of some annotations."""
+    n_classes = len(ann.class_names)
+    counts = np.zeros(n_classes, dtype=np.int64)
+    empty = 0
+    for mask in ann.masks:
+        counts += np.bincount(mask.ravel(), minlength=n_classes)[:n_classes]
+        empty += int(mask.max() == 0)
+    return {"n_images": len(ann), "n_empty": empty, "class_names": list(ann.class_names),
+            "pixel_counts": counts.tolist()}
+
+
+def save_annotation_figure(ann, path, n=6, seed=0):
+    """Save a grid of ``n`` seeded random images with their masks overlaid and a legend of class colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    picks = np.random.default_rng(seed).choice(len(ann), size=min(n, len(ann)), replace=False)
+    cols = min(3, len(picks))
+    rows = -(-len(picks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), picks):
+        ax.imshow(overlay(read_image(ann.root / ann.filenames[i]), ann.mask(i)))
+        ax.set_title(ann.filenames[i], fontsize=9)
+    handles = [Patch(color=np.array(PALETTE[c]) / 255, label=name) for c, name in enumerate(ann.class_names) if c]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def overlay(image, mask, alpha=0.5):
+    """Blend class colours over an (H, W, 3) uint8 image; background pixels are left unpainted."""
+    colours = np.asarray(PALETTE, dtype=np.float32)[np.minimum(mask, len(PALETTE) - 1)]
+    out = image.astype(np.float32)
+    fg = mask > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    return out.astype(np.uint8)
+
+
+def save_figure(fig, path, dpi=80):
+    """Save a matplotlib figure through a temporary name, so a crash never leaves half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+
+
+def get_args_parser():
+    """Flags of the dataset summary / download command."""
+    parser = argparse.ArgumentParser(description="Summarise (or download) the drinks segmentation dataset.")
+    parser.add_argument("--data-path", default=default_data_path(),
+                        help="folder with the JPEGs and the VIA JSON files (default: $DRINKS_DATA or dataset/drinks)")
+    parser.add_argument("--split", default="train", choices=["train", "test"], help="annotation file to read")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    parser.add_argument("--figure", default=None, help="save a grid of images with their masks overlaid to this PNG")
+    parser.add_argument("--legacy-masks", default=None, help="read masks from the book's segmentation_train.npy")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow unpickling --legacy-masks (trusted files only)")
+    parser.add_argument("--download", action="store_true", help="download and extract the dataset to --data-path")
+    parser.add_argument("--url", default=None, help="archive URL for --download (default: $DRINKS_URL or the public copy)")
+    return parser
+
+
+def main(args):
+    """Print the split's summary, or download the dataset with --download."""
+    if args.download:
+        print(f"dataset ready at {download_drinks(args.data_path, args.url)}")
+        return
+    ann = load_annotations(args.data_path, args.split, args.legacy_masks, args.allow_pickle)
+    summary = summarise(ann)
+    if args.json:
+        print(json.dumps({"split": args.split, "n_images": summary["n_images"], "n_empty": summary["n_empty"],
+                          "class_names": summary["class_names"], "pixel_counts": summary["pixel_counts"]}))
+    else:
+        total = sum(summary["pixel_counts"])
+        print(f"{args.data_path} [{args.split}]: {summary['n_images']} images, {summary['n_empty']} with no object")
+        print(f"{'class':<12}{'pixels':>14}{'share':>9}")
+        for name, count in zip(summary["class_names"], summary["pixel_counts"]):
+            print(f"{name:<12}{count:>14,}{count / total:>9.2%}")
+    if args.figure:
+        save_annotation_figure(ann, args.figure)
+        print(f"saved {args.figure}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,211 @@
+"""ResNet-v2 backbone and feature pyramid of chapter 12 of *Advanced Deep Learning with Keras*.
+
+The backbone follows "Identity Mappings in Deep Residual Networks" (He et al., 2016) with bottleneck units,
+exactly as the book's Keras code builds it:
+
+- a 3x3 conv of 16 filters with BN-ReLU on the input;
+- 3 stages of n bottleneck units each (depth = 9n + 2). Each unit is BN-ReLU-conv 1x1, BN-ReLU-conv 3x3,
+  BN-ReLU-conv 1x1, added to the shortcut. Stage 0 keeps the resolution (16 -> 64 channels), stages 1 and 2
+  halve it with a stride-2 first 1x1 conv and double the channels (128, then 256);
+- a final BN-ReLU. The output is 1/4 of the input size with 256 channels.
+
+The feature pyramid turns that map into ``n_layers + 1`` levels: the map itself (1/4), its 2x2 average pool
+(1/8), then ``n_layers - 1`` 3x3 stride-2 conv-BN-ReLU layers of 512 channels (1/16, 1/32, ...).
+
+Keras defaults that matter are reproduced: he_normal conv kernels (truncated normal, std sqrt(2 / fan_in)),
+zero biases, BatchNorm momentum 0.99 (PyTorch 0.01) and epsilon 1e-3. The ResNet's conv kernels carry the
+book's L2 penalty of 1e-4; ``ResNetV2.l2_parameters()`` returns them so a trainer can apply it.
+"""
+import torch
+from torch import nn
+
+BN_MOMENTUM = 0.01  # Keras momentum 0.99: running = 0.99 * running + 0.01 * batch
+BN_EPS = 1e-3  # Keras default epsilon
+L2_WEIGHT = 1e-4  # the book's kernel_regularizer=l2(1e-4) on the ResNet's conv kernels
+
+# std of a standard normal truncated to [-2, 2]; Keras divides by it so the kept samples have the target std
+_TRUNC_STD = 0.87962566103423978
+
+
+def batch_norm(channels):
+    """BatchNorm2d with the Keras defaults (momentum 0.99, epsilon 1e-3)."""
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def he_normal_(weight):
+    """Keras he_normal: truncated normal (at 2 std) whose samples have std sqrt(2 / fan_in).
+
+    fan_in is PyTorch's (dim 1 times the kernel area), which for a transposed conv is its output channel count
+    times the kernel area, as in Keras.
+    """
+    fan_in = weight[0].numel()
+    std = (2.0 / fan_in) ** 0.5 / _TRUNC_STD
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+def init_keras_(module):
+    """Initialise every conv of ``module`` like Keras does: he_normal kernels, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            he_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def fold_bn_(conv, bn):
+    """Fold an eval-mode BatchNorm that directly follows ``conv`` into the conv's weight and bias, in place."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+    shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
+    conv.weight.mul_(scale.reshape(shape))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * scale + bn.bias
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+class ConvBNReLU(nn.Module):
+    """conv-BN-ReLU, the book's ``conv_layer`` / ``tconv_layer`` (conv with bias, as Keras builds it)."""
+
+    def __init__(self, in_ch, out_ch, kernel_size=3, stride=1, transposed=False):
+        super().__init__()
+        if transposed:
+            # Keras Conv2DTranspose(padding="same", strides=2): output is exactly twice the input
+            self.conv = nn.ConvTranspose2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
+                                           output_padding=stride - 1)
+        else:
+            self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2)
+        self.bn = batch_norm(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+    def fuse_bn_(self):
+        """Fold the BatchNorm into the conv for inference (call in eval mode)."""
+        fold_bn_(self.conv, self.bn)
+        self.bn = nn.Identity()
+
+
+class Bottleneck(nn.Module):
+    """Pre-activation bottleneck unit: BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1, plus the shortcut.
+
+    ``preact=False`` drops the first BN-ReLU (the network's very first unit, whose input is already
+    BN-ReLU'd by the stem). ``project=True`` gives the 1x1 projection shortcut (no BN) of a stage's first unit.
+    The stride, when 2, sits in the first 1x1 conv and in the projection, as in the book.
+    """
+
+    def __init__(self, in_ch, mid_ch, out_ch, stride=1, preact=True, project=False):
+        super().__init__()
+        self.bn1 = batch_norm(in_ch) if preact else nn.Identity()
+        self.relu1 = nn.ReLU() if preact else nn.Identity()
+        self.conv1 = nn.Conv2d(in_ch, mid_ch, 1, stride)
+        self.bn2 = batch_norm(mid_ch)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(mid_ch, mid_ch, 3, 1, padding=1)
+        self.bn3 = batch_norm(mid_ch)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(mid_ch, out_ch, 1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride) if project else nn.Identity()
+
+    def forward(self, x):
+        y = self.conv1(self.relu1(self.bn1(x)))  # (B, mid, H/s, W/s)
+        y = self.conv2(self.relu2(self.bn2(y)))
+        y = self.conv3(self.relu3(self.bn3(y)))  # (B, out, H/s, W/s)
+        return self.shortcut(x) + y
+
+    def fuse_bn_(self):
+        """Fold bn2 into conv1 and bn3 into conv2 (bn1 follows a residual sum and stays)."""
+        fold_bn_(self.conv1, self.bn2)
+        fold_bn_(self.conv2, self.bn3)
+        self.bn2 = nn.Identity()
+        self.bn3 = nn.Identity()
+
+    def conv_weights(self):
+        """The unit's conv kernels (the L2-regularised parameters)."""
+        convs = [self.conv1, self.conv2, self.conv3]
+        if isinstance(self.shortcut, nn.Conv2d):
+            convs.append(self.shortcut)
+        return [c.weight for c in convs]
+
+
+def n_units_for_depth(depth):
+    """Bottleneck units per stage for a ResNet-v2 of ``depth`` = 9n + 2 layers."""
+    if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9 != 0:
+        raise ValueError(f"depth must be 9n + 2 with n >= 1 (11, 20, 29, 38, 47, 56, ..., 110, ...), got {depth!r}")
+    return (depth - 2) // 9
+
+
+class ResNetV2(nn.Module):
+    """The book's ResNet-v2 backbone: (B, 3, H, W) -> (B, 256, ceil(H/4), ceil(W/4))."""
+
+    out_channels = 256
+
+    def __init__(self, depth=56):
+        super().__init__()
+        n = n_units_for_depth(depth)
+        self.depth = depth
+        self.stem = ConvBNReLU(3, 16, 3)
+        stages = []
+        in_ch = 16  # channels entering the stage; also its units' middle width
+        for stage in range(3):
+            out_ch = in_ch * 4 if stage == 0 else in_ch * 2
+            stride = 1 if stage == 0 else 2
+            units = [Bottleneck(in_ch, in_ch, out_ch, stride, preact=stage > 0, project=True)]
+            units += [Bottleneck(out_ch, in_ch, out_ch) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*units))
+            in_ch = out_ch
+        self.stages = nn.ModuleList(stages)
+        self.final_bn = batch_norm(in_ch)
+        self.final_relu = nn.ReLU(inplace=True)
+        init_keras_(self)
+
+    def forward(self, x):
+        x = self.stem(x)  # (B, 16, H, W)
+        for stage in self.stages:
+            x = stage(x)  # (B, 64, H, W), (B, 128, H/2, W/2), (B, 256, H/4, W/4)
+        return self.final_relu(self.final_bn(x))
+
+    def l2_parameters(self):
+        """The conv kernels that carry the book's L2 penalty (1e-4): every conv of the ResNet, no biases."""
+        params = [self.stem.conv.weight]
+        for stage in self.stages:
+            for unit in stage:
+                params += unit.conv_weights()
+        return params
+
+
+class FeaturePyramid(nn.Module):
+    """The book's features pyramid over the backbone's 1/4 map: ``n_layers + 1`` levels.
+
+    Level 0 is the input map (1/4), level 1 its 2x2 average pool (1/8), then ``n_layers - 1`` 3x3 stride-2
+    conv-BN-ReLU layers of 512 channels (1/16, 1/32, 1/64, ...).
+    """
+
+    def __init__(self, in_channels=256, n_layers=4, channels=512):
+        super().__init__()
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be an integer >= 1 (1, 2, 3, 4, ...), got {n_layers!r}")
+        # ceil_mode keeps the last row/column of odd-sized maps instead of dropping it
+        self.pool = nn.AvgPool2d(2, ceil_mode=True)
+        convs, ch = [], in_channels
+        for _ in range(n_layers - 1):
+            convs.append(ConvBNReLU(ch, channels, 3, stride=2))
+            ch = channels
+        self.convs = nn.ModuleList(convs)
+        self.level_channels = [in_channels, in_channels] + [channels] * (n_layers - 1)
+        init_keras_(self)
+
+    def forward(self, x):
+        levels = [x, self.pool(x)]  # (B, 256, H/4, W/4), (B, 256, H/8, W/8)
+        for conv in self.convs:
+            levels.append(conv(levels[-1]))  # (B, 512, H/16, W/16), ...
+        return levels
+
+
+def build_resnet_v2(depth=56):
+    """The ResNet-v2 backbone of the given depth (9n + 2)."""
+    return ResNetV2(depth)

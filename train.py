@@ -1,0 +1,370 @@
+"""Train the book's FCN (ResNet56-v2, 4-layer feature pyramid) on the drinks dataset.
+
+Defaults are the book's recipe: 480x640 input, batch 4, 100 epochs, Adam at 1e-3 with the book's step schedule,
+cross-entropy, L2 1e-4 on the backbone's conv kernels. Each epoch is scored on a validation split of the
+training annotations; the best epoch is scored on the test split at the end.
+
+    python train.py                                   # the book's recipe, on a GPU
+    python train.py --resume                          # continue weights/<run>/last.pt
+    python train.py --height 120 --width 160 --epochs 12 --run-name cpu-120x160   # a CPU-sized run
+    torchrun --nproc_per_node=4 train.py --sync-bn    # several GPUs
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import distributed as dist
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from data_generator import build_loader, default_data_path, ensure_data, make_dataset
+from evaluate import evaluate_checkpoint, evaluate_model, to_input, write_json
+from fcn import build_fcn
+from model_utils import (BASE_LR, TrainingError, amp_dtype, init_distributed, load_checkpoint, lr_scheduler,
+                         make_grad_scaler, rng_state, run_cli, save_checkpoint, seed_everything, set_lr, set_rng_state)
+from resnet import L2_WEIGHT
+
+CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
+
+
+def default_run_name(args):
+    """A name built from the model, e.g. ``fcn-resnet56v2-4layer-drinks``."""
+    return f"fcn-resnet{args.depth}v2-{args.n_layers}layer-drinks"
+
+
+def build_optimizer(model, lr, l2):
+    """Adam (Keras defaults, eps 1e-7) with the book's L2 on the backbone's conv kernels as weight decay.
+
+    Keras adds ``l2 * sum(w**2)`` to the loss, so the gradient gains ``2 * l2 * w``: that is Adam's (coupled)
+    weight_decay of ``2 * l2``, on those kernels only.
+    """
+    decayed = {id(p) for p in model.l2_parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in decayed], "weight_decay": 2 * l2},
+        {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
+
+
+def build_criterion():
+    """Pixel-wise cross-entropy on logits (the book's softmax + categorical cross-entropy)."""
+    return F.cross_entropy
+
+
+class StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current step; a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving last.pt (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
+                    loss_state, is_main, world_size):
+    """Train one epoch from ``start_step``. Returns (loss_state, next_step, stopped).
+
+    ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
+    syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
+    bar and, when distributed, agrees on a stop with the other ranks.
+    """
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    steps = start_step + len(loader)
+    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    t0, seen, step = time.perf_counter(), 0, start_step
+    for images, masks in loader:
+        x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
+        target = masks.to(device, non_blocking=True).long()  # (B, H, W)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = criterion(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+        step += 1
+        seen += images.shape[0] * world_size
+        bar.update(1)
+        if step % CHECK_EVERY == 0 or step == steps or stop.requested:
+            flags = torch.tensor([float(stop.requested), 0.0 if torch.isfinite(loss_state[0]) else 1.0], device=device)
+            if world_size > 1:
+                dist.all_reduce(flags)
+            if flags[1] > 0:
+                raise TrainingError(f"loss is not finite at epoch {epoch + 1} step {step}: stopping; "
+                                    f"{Path(args.output_dir) / args.run_name / 'last.pt'} keeps the last good state")
+            rate = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{(loss_state[0] / loss_state[1]).item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            if flags[0] > 0:
+                bar.close()
+                return loss_state, step, True
+    bar.close()
+    return loss_state, step, False
+
+
+def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state):
+    """Everything ``--resume`` needs, as plain dicts and tensors (loadable with weights_only=True).
+
+    ``epoch`` is the epoch in progress and ``step`` the steps done in it (0 when it has not started).
+    """
+    return {
+        "model": model.state_dict(),
+        "config": {"n_classes": len(class_names), "depth": args.depth, "n_layers": args.n_layers,
+                   "height": args.height, "width": args.width, "class_names": list(class_names)},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best_miou": best,
+        "loss_state": loss_state.cpu(),
+        "rng": rng_state(),
+        "args": vars(args),
+    }
+
+
+def trim_metrics(path, epochs_done):
+    """Keep only the metrics lines of epochs already in the checkpoint (a crash may have left one more)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    """Append one JSON line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(metrics_path, figure_path):
+    """Redraw training loss and validation mIoU (both definitions) per epoch from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_generator import save_figure
+
+    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o", ms=3)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax1.set_yscale("log")
+    ax1.grid(alpha=0.3)
+    ax2.plot(epochs, [r["val"]["miou_per_image"] for r in rows], marker="o", ms=3, label="mIoU per image (book)")
+    ax2.plot(epochs, [r["val"]["miou"] for r in rows], marker="s", ms=3, label="mIoU (dataset)")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation mIoU")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, figure_path)
+    plt.close(fig)
+
+
+def estimate_cpu_minutes(model, criterion, optimizer, args, dtype, n_train, n_val):
+    """Minutes the run should take on this CPU, from one timed training step on a throwaway copy."""
+    model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
+    x = torch.rand(args.batch_size, 3, args.height, args.width)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(args.batch_size, args.height, args.width, dtype=torch.long)
+    times = []
+    for _ in range(2):  # the first step pays for one-off allocations
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t)
+    per_image = times[-1] / args.batch_size
+    # evaluation is a forward pass (about a third of a training step) plus native-size scoring
+    return per_image * (n_train + n_val / 2) * args.epochs / 60
+
+
+def get_args_parser():
+    """Flags of train.py; defaults are the book's recipe."""
+    p = argparse.ArgumentParser(description="Train the FCN / ResNet-v2 of the book on the drinks dataset.")
+    p.add_argument("--data-path", default=default_data_path(),
+                   help="dataset folder (default: $DRINKS_DATA or dataset/drinks, downloaded when missing)")
+    p.add_argument("--epochs", type=int, default=100, help="total epochs (the book: 100)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (the book: 4)")
+    p.add_argument("--lr", type=float, default=BASE_LR, help="base learning rate of the book's schedule")
+    p.add_argument("--l2", type=float, default=L2_WEIGHT, help="the book's L2 coefficient on the backbone's kernels")
+    p.add_argument("--height", type=int, default=480, help="input height the images are resized to")
+    p.add_argument("--width", type=int, default=640, help="input width the images are resized to")
+    p.add_argument("--depth", type=int, default=56, help="ResNet-v2 depth, 9n + 2")
+    p.add_argument("--n-layers", type=int, default=4, help="feature pyramid layers")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
+    p.add_argument("--run-name", default=None, help="output name (default: built from the model)")
+    p.add_argument("--output-dir", default="weights", help="checkpoints and logs go to <output-dir>/<run-name>")
+    p.add_argument("--figures-dir", default="figures", help="figures go to <figures-dir>/<run-name>")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/<run-name>/last.pt if it exists")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training annotations held out")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="the book's plain pipeline: resize only, no flip, scale-crop or colour jitter")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast where supported, fp16 with loss scaling on older GPUs (--no-amp: float32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (faster convolutions on CPU and GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes when distributed")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and the split")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise-reproducible runs)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-split evaluation")
+    return p
+
+
+def resolve_args(args):
+    """Fill in defaults that depend on other flags; returns a new Namespace."""
+    args = copy.copy(args)
+    args.run_name = args.run_name or default_run_name(args)
+    return args
+
+
+def main(args):
+    """Train, validate every epoch, keep last.pt and best.pt, and score best.pt on the test split."""
+    args = resolve_args(args)
+    info, device = init_distributed(args.device)
+    try:
+        return _train(args, info, device)
+    finally:
+        if info.distributed:
+            dist.destroy_process_group()
+
+
+def _train(args, info, device):
+    seed_everything(args.seed, args.deterministic)
+    run_dir, fig_dir = Path(args.output_dir) / args.run_name, Path(args.figures_dir) / args.run_name
+    last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
+    if last_path.exists() and not args.resume:
+        raise TrainingError(f"{last_path} exists: pass --resume to continue that run, or choose another --run-name")
+    dtype = amp_dtype(device, args.amp)
+    if info.is_main:
+        print(json.dumps(vars(args), indent=2))
+        print(f"device: {device}, autocast: {dtype}, processes: {info.world_size}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size},
+                   run_dir / "config.json")
+    data_path = ensure_data(args.data_path) if info.is_main else Path(args.data_path)
+    if info.distributed:
+        dist.barrier()
+    train_set, class_names = make_dataset(data_path, "train", args.height, args.width, args.augment,
+                                          args.val_fraction, args.seed, args.limit, workers=args.workers)
+    val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.seed,
+                              workers=args.workers)
+    train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
+    val_loader = build_loader(val_set, args.batch_size, False, args.workers, args.seed, info.rank, info.world_size)
+    if len(train_loader) == 0:
+        raise TrainingError(f"{len(train_set)} training images give no full batch of {args.batch_size} "
+                            f"per process: lower --batch-size")
+
+    model = build_fcn(len(class_names), args.depth, args.n_layers).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args.lr, args.l2)
+    scaler = make_grad_scaler(device, dtype)
+    criterion = build_criterion()
+    start_epoch, start_step, best = 0, 0, -1.0
+    loss_state = torch.zeros(2, dtype=torch.float64, device=device)
+    if args.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_miou"]
+        loss_state = ckpt["loss_state"].to(device)
+        set_rng_state(ckpt["rng"])
+        if info.is_main:
+            print(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best val mIoU {best:.4f}")
+            trim_metrics(metrics_path, start_epoch)
+    if args.sync_bn and info.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = model
+    if info.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
+        minutes = estimate_cpu_minutes(model, criterion, optimizer, args, dtype, len(train_set), len(val_set))
+        print(f"no GPU: training on the CPU. Estimated time for {args.epochs} epochs of {len(train_set)} images "
+              f"at {args.height}x{args.width}: {minutes:.0f} min. For a short CPU run see README.md.")
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            lr = lr_scheduler(epoch, args.lr)
+            set_lr(optimizer, lr)
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.skip = start_step * args.batch_size if epoch == start_epoch else 0
+            t0 = time.perf_counter()
+            loss_state, step, stopped = train_one_epoch(
+                train_model, criterion, optimizer, scaler, train_loader, device, epoch, args, dtype, stop,
+                start_step if epoch == start_epoch else 0, loss_state, info.is_main, info.world_size)
+            if stopped:
+                if info.is_main:
+                    save_checkpoint(checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best,
+                                                     loss_state), last_path)
+                    print(f"saved {last_path} at epoch {epoch + 1} step {step}; continue with --resume")
+                return None
+            val_acc, _ = evaluate_model(model, val_loader, device, len(class_names), dtype, args.channels_last)
+            val_acc.all_reduce()
+            val = val_acc.compute(class_names)
+            train_loss = (loss_state[0] / loss_state[1]).item()
+            loss_state.zero_()
+            improved = val["miou_per_image"] > best
+            best = max(best, val["miou_per_image"])
+            if info.is_main:
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                          "seconds": round(time.perf_counter() - t0, 2),
+                          "val": {k: v for k, v in val.items() if k != "per_class"},
+                          "val_iou_per_class": [r["iou"] for r in val["per_class"]]}
+                append_jsonl(metrics_path, record)
+                state = checkpoint_state(model, optimizer, scaler, args, class_names, epoch + 1, 0, best, loss_state)
+                if improved:
+                    save_checkpoint(state, best_path)
+                save_checkpoint(state, last_path)
+                plot_curves(metrics_path, fig_dir / "curves.png")
+                print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU per image {val['miou_per_image']:.4f}"
+                      f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s")
+
+    if info.distributed:
+        dist.barrier()
+    if info.is_main and args.test and best_path.exists():
+        metrics = evaluate_checkpoint(best_path, data_path, "test", args.batch_size, args.workers, str(device),
+                                      args.amp, args.channels_last, run_dir / "test_metrics.json",
+                                      figures_dir=fig_dir)
+        return metrics
+    return None
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
