@@ -105,7 +105,7 @@ def read_via(path):
             raise DataError(f"{path}: entry {entry_key!r} has no 'filename'")
         regions = []
         for i, region in enumerate(item.get("regions") or []):
-            where = f"{path}: entry {entry_key!r} region {i}"
+            where = f"{path}: entry {item['filename']!r} region {i}"
             label = (region.get("region_attributes") or {}).get(key)
             try:
                 class_id = int(label)

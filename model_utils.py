@@ -205,6 +205,17 @@ def init_distributed(device_name=None):
     return info, device
 
 
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward, so after the last training step each rank holds its own
+    update. Validating without this would score a different model on each rank from the one rank 0 saves.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 # --------------------------------------------------------------------------------------------------- metrics
 
 def confusion_matrix(pred, target, n_classes):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data_generator import build_loader, default_data_path, ensure_data, make_dataset
 from evaluate import evaluate_checkpoint, evaluate_model, to_input, write_json
 from fcn import build_fcn
-from model_utils import (BASE_LR, TrainingError, amp_dtype, init_distributed, load_checkpoint, lr_scheduler,
+from model_utils import (BASE_LR, TrainingError, amp_dtype, broadcast_buffers, init_distributed, load_checkpoint, lr_scheduler,
                          make_grad_scaler, rng_state, run_cli, save_checkpoint, seed_everything, set_lr, set_rng_state)
 from resnet import L2_WEIGHT
 
@@ -187,7 +187,7 @@ def plot_curves(metrics_path, figure_path):
     plt.close(fig)
 
 
-def estimate_cpu_minutes(model, criterion, optimizer, args, dtype, n_train, n_val):
+def estimate_cpu_minutes(model, optimizer, args, dtype, n_train, n_val):
     """Minutes the run should take on this CPU, from one timed training step on a throwaway copy."""
     model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
     x = torch.rand(args.batch_size, 3, args.height, args.width)
@@ -198,7 +198,7 @@ def estimate_cpu_minutes(model, criterion, optimizer, args, dtype, n_train, n_va
     for _ in range(2):  # the first step pays for one-off allocations
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = criterion(model(x), y)
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -315,7 +315,7 @@ def _train(args, info, device):
     if args.compile:
         train_model = torch.compile(train_model)
     if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
-        minutes = estimate_cpu_minutes(model, criterion, optimizer, args, dtype, len(train_set), len(val_set))
+        minutes = estimate_cpu_minutes(model, optimizer, args, dtype, len(train_set), len(val_set))
         print(f"no GPU: training on the CPU. Estimated time for {args.epochs} epochs of {len(train_set)} images "
               f"at {args.height}x{args.width}: {minutes:.0f} min. For a short CPU run see README.md.")
 
@@ -335,6 +335,7 @@ def _train(args, info, device):
                                                      loss_state), last_path)
                     print(f"saved {last_path} at epoch {epoch + 1} step {step}; continue with --resume")
                 return None
+            broadcast_buffers(model)
             val_acc, _ = evaluate_model(model, val_loader, device, len(class_names), dtype, args.channels_last)
             val_acc.all_reduce()
             val = val_acc.compute(class_names)

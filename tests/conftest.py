@@ -1,0 +1,20 @@
+"""Shared fixtures. Tests that need the real drinks dataset find it through $DRINKS_DATA (default
+dataset/drinks, as the scripts) and fail, never skip, when it is missing."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def drinks():
+    """The real drinks dataset folder: $DRINKS_DATA, else dataset/drinks under the project."""
+    path = Path(os.environ.get("DRINKS_DATA") or ROOT / "dataset" / "drinks").resolve()
+    if not (path / "segmentation_train.json").is_file():
+        pytest.fail(f"no drinks dataset at {path} (no segmentation_train.json): set DRINKS_DATA to its folder, "
+                    f"or run: python data_generator.py --download")
+    return path

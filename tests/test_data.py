@@ -1,0 +1,318 @@
+"""The data pipeline: the real drinks annotations, augmentation alignment, the split and every bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_generator as dg
+from data_generator import DataError
+
+# ------------------------------------------------------------------------------------------ the real dataset
+
+
+@pytest.fixture(scope="module")
+def train_ann(drinks):
+    return dg.load_annotations(drinks, "train")
+
+
+@pytest.fixture(scope="module")
+def test_ann(drinks):
+    return dg.load_annotations(drinks, "test")
+
+
+def test_entry_counts(train_ann, test_ann):
+    assert len(train_ann) == 1000 and len(test_ann) == 51
+    assert "0000904.jpg" not in train_ann.filenames
+    assert train_ann.class_names == ["background", "Water", "Soda", "Juice"]
+
+
+def test_every_mask_is_480x640_with_classes_0_to_3(train_ann, test_ann):
+    for ann in (train_ann, test_ann):
+        for mask in ann.masks:
+            assert mask.shape == (480, 640) and mask.dtype == np.uint8
+            assert mask.max() <= 3
+    assert sum(int(m.max() == 0) for m in train_ann.masks) == 3  # the README's three empty images
+
+
+def _independent_fill(drinks, name):
+    """An independent rasterisation: matplotlib's point-in-polygon test at every pixel centre."""
+    from matplotlib.path import Path as MplPath
+
+    via = json.loads((drinks / name).read_text())
+    yy, xx = np.mgrid[0:480, 0:640]
+    centres = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    counts = np.zeros(4, dtype=np.int64)
+    for item in via["_via_img_metadata"].values():
+        mask = np.zeros(480 * 640, dtype=np.uint8)
+        for region in item["regions"]:
+            s = region["shape_attributes"]
+            poly = np.stack([np.clip(s["all_points_x"], 0, 639), np.clip(s["all_points_y"], 0, 479)], axis=1)
+            mask[MplPath(poly).contains_points(centres)] = int(region["region_attributes"]["Name"])
+        counts += np.bincount(mask, minlength=4)
+    return counts
+
+
+def test_cli_json_agrees_with_an_independent_fill(drinks):
+    out = subprocess.run([sys.executable, "data_generator.py", "--data-path", str(drinks), "--split", "test",
+                          "--json"], capture_output=True, text=True, check=True, cwd=dg.Path(dg.__file__).parent)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["split"] == "test" and report["n_images"] == 51
+    assert report["class_names"] == ["background", "Water", "Soda", "Juice"]
+    reference = _independent_fill(drinks, "segmentation_test.json")
+    assert sum(report["pixel_counts"]) == 51 * 480 * 640
+    for ours, ref in zip(report["pixel_counts"], reference):
+        assert abs(ours - ref) / ref < 0.005
+
+
+def test_figure_is_written(drinks, tmp_path, test_ann):
+    dg.save_annotation_figure(test_ann, tmp_path / "grid.png", n=4)
+    assert Image.open(tmp_path / "grid.png").size[0] > 300
+
+
+def test_augmented_image_and_mask_stay_aligned(test_ann):
+    """Paint each class in its palette colour, augment, and read the classes back from the colours."""
+    palette = np.asarray(dg.PALETTE, dtype=np.uint8)
+    transform = dg.train_transform(240, 320, augment=True)
+    torch.manual_seed(0)
+    for i in range(12):
+        mask = test_ann.mask(i)
+        image = torch.from_numpy(palette[mask]).permute(2, 0, 1)
+        out_img, out_mask = transform(dg.tv_tensors.Image(image), dg.tv_tensors.Mask(torch.from_numpy(mask)))
+        assert out_img.shape == (3, 240, 320) and out_mask.shape == (240, 320)
+        assert out_mask.dtype == torch.uint8 and set(out_mask.unique().tolist()) <= {0, 1, 2, 3}
+        pixels = out_img.permute(1, 2, 0).reshape(-1, 1, 3).float()
+        decoded = (pixels - torch.from_numpy(palette).float()).norm(dim=-1).argmin(-1).reshape(240, 320)
+        agreement = (decoded == out_mask.long()).float().mean().item()
+        assert agreement > 0.97, f"image {i}: only {agreement:.3f} of pixels agree"
+
+
+def test_flip_is_applied_to_both(test_ann):
+    """With scale-crop and jitter fixed, a horizontal flip must move image and mask together."""
+    mask = torch.from_numpy(test_ann.mask(0))
+    image = torch.from_numpy(np.asarray(dg.PALETTE, dtype=np.uint8)[mask.numpy()]).permute(2, 0, 1)
+    flip = dg.v2.RandomHorizontalFlip(p=1.0)
+    out_img, out_mask = flip(dg.tv_tensors.Image(image), dg.tv_tensors.Mask(mask))
+    assert torch.equal(out_mask, mask.flip(-1)) and torch.equal(out_img, image.flip(-1))
+
+
+def test_validation_split_is_disjoint_and_reproducible(drinks):
+    train, val = dg.split_indices(1000, 0.1, seed=0)
+    assert len(val) == 100 and len(train) == 900
+    assert not set(train) & set(val) and set(train) | set(val) == set(range(1000))
+    assert (train, val) == dg.split_indices(1000, 0.1, seed=0)
+    assert val != dg.split_indices(1000, 0.1, seed=1)[1]
+    val_set, _ = dg.make_dataset(drinks, "val", 60, 80, cache_images=False)
+    train_set, _ = dg.make_dataset(drinks, "train", 60, 80, cache_images=False)
+    assert not set(val_set.annotations.filenames) & set(train_set.annotations.filenames)
+    assert len(val_set) == 100 and len(train_set) == 900
+
+
+def test_eval_dataset_keeps_native_masks(drinks):
+    ds, _ = dg.make_dataset(drinks, "test", 60, 80, limit=3)
+    image, mask = ds[0]
+    assert image.shape == (3, 60, 80) and image.dtype == torch.uint8
+    assert mask.shape == (480, 640)
+
+
+def test_seeded_keys_make_augmentation_reproducible(drinks):
+    ds, _ = dg.make_dataset(drinks, "train", 60, 80, limit=4)
+    a, b = ds[(1, 1234)], ds[(1, 1234)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = ds[(1, 999)]
+    assert not torch.equal(a[0], c[0])
+
+
+def test_loader_batches_and_drops_the_last_partial_batch(drinks):
+    ds, _ = dg.make_dataset(drinks, "train", 60, 80, limit=10, augment=False)
+    loader = dg.build_loader(ds, 4, train=True, workers=0)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0][0].shape == (4, 3, 60, 80) and batches[0][1].shape == (4, 60, 80)
+
+
+def test_shard_sampler_never_repeats():
+    shards = [list(dg.ShardSampler(5, r, 2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------ synthetic bad input
+
+
+def _image(path, size=(80, 60), mode="RGB"):
+    Image.new(mode, size, 128 if mode == "L" else None).save(path)
+
+
+def _via(folder, entries, name="segmentation_train.json", options=True):
+    meta = {}
+    for filename, regions in entries:
+        meta[filename + "1"] = {"filename": filename, "size": 1, "file_attributes": {}, "regions": regions}
+    via = {"_via_img_metadata": meta}
+    if options:
+        via["_via_attributes"] = {"region": {"Name": {"type": "dropdown", "options": {"1": "Water", "2": "Soda",
+                                                                                      "3": "Juice"}}}}
+    (folder / name).write_text(json.dumps(via))
+
+
+def _poly(xs, ys, cls="1"):
+    return {"shape_attributes": {"name": "polygon", "all_points_x": xs, "all_points_y": ys},
+            "region_attributes": {"Name": cls}}
+
+
+SQUARE = _poly([10, 30, 30, 10], [10, 10, 30, 30])
+
+
+def test_missing_json(tmp_path):
+    with pytest.raises(DataError, match="segmentation_train.json: annotation file not found"):
+        dg.load_annotations(tmp_path, "train")
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        dg.load_annotations(tmp_path / "nowhere", "train")
+
+
+def test_invalid_json(tmp_path):
+    (tmp_path / "segmentation_train.json").write_text('{"a": ')
+    with pytest.raises(DataError, match="segmentation_train.json: invalid JSON"):
+        dg.load_annotations(tmp_path, "train")
+
+
+@pytest.mark.parametrize("text, words", [("", "is empty"), ("  \n", "is empty"),
+                                         ('{"_via_img_metadata": {}}', "no annotated images"),
+                                         ("[]", "expected a VIA JSON object")])
+def test_empty_annotation_file(tmp_path, text, words):
+    (tmp_path / "segmentation_train.json").write_text(text)
+    with pytest.raises(DataError, match=words):
+        dg.load_annotations(tmp_path, "train")
+
+
+def test_missing_image_names_file_and_entry(tmp_path):
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    with pytest.raises(DataError, match=r"segmentation_train.json: entry 'a.jpg': .*a.jpg: image file not found"):
+        dg.load_annotations(tmp_path, "train")
+
+
+def test_truncated_image(tmp_path):
+    _image(tmp_path / "a.jpg", size=(320, 240))
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 3])
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    ann = dg.load_annotations(tmp_path, "train")  # the header is intact
+    with pytest.raises(DataError, match=r"a.jpg: cannot read image"):
+        dg.SegmentationDataset(ann, cache_images=True)
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"not an image at all")
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    with pytest.raises(DataError, match=r"entry 'a.jpg': .*a.jpg: cannot read image"):
+        dg.load_annotations(tmp_path, "train")
+
+
+@pytest.mark.parametrize("region, words", [
+    (_poly([1, 5, 9], [1, 5, 1], cls="7"), "region 0: unknown class '7'"),
+    (_poly([1, 5, 9], [1, 5, 1], cls=None), "region 0: unknown class None"),
+    (_poly([1, 5], [1, 5]), "region 0: polygon has 2 points, at least 3"),
+    (_poly([1, 5, 9], [1, 5]), "region 0: polygon has 3 x and 2 y"),
+    ({"shape_attributes": {"name": "polyline", "all_points_x": [1, 2, 3], "all_points_y": [1, 2, 3]},
+      "region_attributes": {"Name": "1"}}, "region 0: shape 'polyline' has no area"),
+    ({"shape_attributes": {"name": "point", "cx": 1, "cy": 1}, "region_attributes": {"Name": "1"}}, "region 0: shape 'point'"),
+])
+def test_bad_regions(tmp_path, region, words):
+    _image(tmp_path / "a.jpg")
+    _via(tmp_path, [("a.jpg", [region])])
+    with pytest.raises(DataError, match=r"segmentation_train.json: entry 'a.jpg' " + words):
+        dg.load_annotations(tmp_path, "train")
+
+
+def test_other_shapes_are_rasterised(tmp_path):
+    _image(tmp_path / "a.jpg", size=(200, 100))
+    rect = {"shape_attributes": {"name": "rect", "x": 10, "y": 20, "width": 40, "height": 30},
+            "region_attributes": {"Name": "1"}}
+    circle = {"shape_attributes": {"name": "circle", "cx": 120, "cy": 50, "r": 20}, "region_attributes": {"Name": "2"}}
+    ellipse = {"shape_attributes": {"name": "ellipse", "cx": 170, "cy": 50, "rx": 20, "ry": 10, "theta": 0},
+               "region_attributes": {"Name": "3"}}
+    _via(tmp_path, [("a.jpg", [rect, circle, ellipse])])
+    mask = dg.load_annotations(tmp_path, "train").mask(0)
+    counts = np.bincount(mask.ravel(), minlength=4)
+    assert abs(counts[1] - 40 * 30) / (40 * 30) < 0.1
+    assert abs(counts[2] - np.pi * 20 ** 2) / (np.pi * 20 ** 2) < 0.05
+    assert abs(counts[3] - np.pi * 20 * 10) / (np.pi * 20 * 10) < 0.1
+    assert mask[35, 30] == 1 and mask[50, 120] == 2 and mask[50, 170] == 3 and mask[5, 5] == 0
+
+
+def test_later_regions_overwrite_and_points_are_clipped(tmp_path):
+    _image(tmp_path / "a.jpg")
+    big = _poly([-1, 80, 80, -1], [-1, -1, 60, 60], cls="1")  # beyond the 80x60 image on every side
+    _via(tmp_path, [("a.jpg", [big, _poly([10, 30, 30, 10], [10, 10, 30, 30], cls="3")])])
+    mask = dg.load_annotations(tmp_path, "train").mask(0)
+    assert mask[0, 0] == 1 and mask[59, 79] == 1 and mask[20, 20] == 3
+
+
+def test_class_names_come_from_the_json_options(tmp_path):
+    _image(tmp_path / "a.jpg")
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    assert dg.load_annotations(tmp_path, "train").class_names == ["background", "Water", "Soda", "Juice"]
+    _via(tmp_path, [("a.jpg", [SQUARE])], options=False)
+    assert dg.load_annotations(tmp_path, "train").class_names == list(dg.DEFAULT_CLASS_NAMES)
+
+
+def test_grayscale_and_rgba_become_rgb(tmp_path):
+    _image(tmp_path / "g.png", mode="L")
+    _image(tmp_path / "r.png", mode="RGBA")
+    _via(tmp_path, [("g.png", [SQUARE]), ("r.png", [SQUARE])])
+    ds = dg.SegmentationDataset(dg.load_annotations(tmp_path, "train"))
+    for i in range(2):
+        image, mask = ds[i]
+        assert image.shape == (3, 60, 80) and mask.shape == (60, 80)
+
+
+def test_images_of_different_sizes_keep_their_own_mask_size(tmp_path):
+    _image(tmp_path / "a.jpg", size=(80, 60))
+    _image(tmp_path / "b.jpg", size=(120, 90))
+    _via(tmp_path, [("a.jpg", [SQUARE]), ("b.jpg", [SQUARE])])
+    ann = dg.load_annotations(tmp_path, "train")
+    assert [m.shape for m in ann.masks] == [(60, 80), (90, 120)]
+    ds = dg.SegmentationDataset(ann, dg.eval_transform(32, 40))
+    images, masks = next(iter(dg.build_loader(ds, 2, train=False, workers=0)))
+    assert images.shape == (2, 3, 32, 40) and [m.shape for m in masks] == [(60, 80), (90, 120)]
+    train_ds = dg.SegmentationDataset(ann, dg.train_transform(32, 40))
+    assert [tuple(train_ds[i][1].shape) for i in range(2)] == [(32, 40), (32, 40)]
+
+
+def test_only_listed_files_are_read_and_nothing_is_written(tmp_path, drinks):
+    for name in ("0000000.jpg", "0000001.jpg"):
+        (tmp_path / name).write_bytes((drinks / name).read_bytes())
+    (tmp_path / "._0000106.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork junk")
+    (tmp_path / "0000904.jpg").write_bytes(b"broken and unlisted")
+    _via(tmp_path, [("0000000.jpg", [SQUARE]), ("0000001.jpg", [])])
+    tmp_path.chmod(0o555)  # read-only: any write into the data folder would fail
+    try:
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir())
+        ds, _ = dg.make_dataset(tmp_path, "train", 48, 64, val_fraction=0.0)
+        assert len(ds) == 2 and ds[0][0].shape == (3, 48, 64)
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == before
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_legacy_npy_needs_the_explicit_flag(tmp_path):
+    _image(tmp_path / "a.jpg")
+    onehot = np.zeros((60, 80, 4), dtype=np.uint8)
+    onehot[..., 0] = 1
+    onehot[10:20, 10:20, 0], onehot[10:20, 10:20, 2] = 0, 1
+    np.save(tmp_path / "segmentation_train.npy", {"a.jpg": onehot}, allow_pickle=True)
+    with pytest.raises(DataError, match="segmentation_train.npy: .*pickle.*--allow-pickle"):
+        dg.load_annotations(tmp_path, "train", legacy_masks=tmp_path / "segmentation_train.npy")
+    ann = dg.load_annotations(tmp_path, "train", legacy_masks=tmp_path / "segmentation_train.npy", allow_pickle=True)
+    assert ann.filenames == ["a.jpg"] and ann.mask(0)[15, 15] == 2 and ann.mask(0)[0, 0] == 0
+
+
+def test_cli_error_is_one_line_and_non_zero(tmp_path):
+    out = subprocess.run([sys.executable, "data_generator.py", "--data-path", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, cwd=dg.Path(dg.__file__).parent)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0 and "nowhere: data folder not found" in out.stderr

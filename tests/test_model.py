@@ -1,0 +1,126 @@
+"""The FCN / ResNet-v2 model: the book's parameter counts, shapes at any size, Keras defaults."""
+import pytest
+import torch
+
+import fcn
+from fcn import build_fcn, count_parameters
+from resnet import BN_MOMENTUM, ResNetV2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_fcn()
+
+
+def test_counts_match_the_books_keras_model(model):
+    trainable, running = count_parameters(model)
+    assert trainable == 15_236_964
+    assert running == 16_544
+
+
+@pytest.mark.parametrize("size", [(480, 640), (120, 160), (123, 157), (32, 32)])
+def test_output_has_the_input_size(model, size):
+    with torch.inference_mode():
+        out = model.eval()(torch.rand(1, 3, *size))
+    assert out.shape == (1, 4, *size)
+
+
+@pytest.mark.parametrize("depth", [20, 110])
+def test_other_depths(depth):
+    m = build_fcn(depth=depth).eval()
+    assert len(m.backbone.stages[0]) == (depth - 2) // 9
+    with torch.inference_mode():
+        assert m(torch.rand(1, 3, 64, 96)).shape == (1, 4, 64, 96)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3, 4, 5])
+def test_pyramid_layers(n_layers):
+    m = build_fcn(n_classes=3, depth=11, n_layers=n_layers).eval()
+    with torch.inference_mode():
+        levels = m.pyramid(m.backbone(torch.rand(1, 3, 128, 128)))
+        out = m(torch.rand(2, 3, 100, 76))
+    assert len(levels) == n_layers + 1
+    assert [lv.shape[-1] for lv in levels] == [32, 16, 8, 4, 2, 1][: n_layers + 1]
+    assert out.shape == (2, 3, 100, 76)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"depth": 55}, "9n + 2"), ({"depth": 2}, "9n + 2"), ({"depth": 56.0}, "9n + 2"),
+    ({"n_layers": 0}, "n_layers"), ({"n_layers": -1}, "n_layers"),
+])
+def test_bad_config_is_a_value_error(kwargs, words):
+    with pytest.raises(ValueError, match=words.replace("+", r"\+")):
+        build_fcn(**kwargs)
+
+
+def test_bf16_autocast_forward_and_backward():
+    torch.manual_seed(0)
+    m = build_fcn(depth=20).train()
+    x = torch.rand(2, 3, 64, 80)
+    y = torch.randint(0, 4, (2, 64, 80))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+    assert logits.dtype == torch.bfloat16
+    loss.backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(loss)
+
+
+def test_eval_is_deterministic_and_train_updates_bn_with_keras_momentum():
+    torch.manual_seed(0)
+    m = build_fcn(depth=11, n_layers=2)
+    x = torch.rand(2, 3, 48, 64)
+    m.eval()
+    with torch.inference_mode():
+        assert torch.equal(m(x), m(x))
+    bn = m.backbone.stem.bn
+    assert bn.momentum == BN_MOMENTUM == 0.01 and bn.eps == 1e-3
+    before = bn.running_mean.clone()
+    conv_out = m.backbone.stem.conv(x).detach()
+    m.train()
+    m(x)
+    expected = 0.99 * before + 0.01 * conv_out.mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, expected, atol=1e-6)
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_he_normal_init_and_zero_bias():
+    torch.manual_seed(0)
+    conv = ResNetV2(20).stages[2][1].conv2  # 128 -> 128, 3x3: fan_in 1152
+    std = (2.0 / (128 * 9)) ** 0.5
+    w = conv.weight.detach()
+    assert abs(w.std().item() / std - 1) < 0.03
+    assert w.abs().max().item() <= 2 * std / 0.8796 + 1e-6  # truncated at 2 (pre-correction) std
+    assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_l2_parameters_are_the_resnet_conv_kernels_only(model):
+    l2 = {id(p) for p in model.l2_parameters()}
+    resnet_kernels = {id(m.weight) for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert l2 == resnet_kernels
+    others = [p for p in list(model.pyramid.parameters()) + list(model.lateral.parameters()) if id(p) in l2]
+    assert others == []
+    assert all(p.dim() == 4 for p in model.l2_parameters())
+
+
+def test_fused_batchnorm_gives_the_same_output():
+    torch.manual_seed(0)
+    m = build_fcn(depth=20).train()
+    for _ in range(3):  # give BN non-trivial running statistics
+        m(torch.rand(2, 3, 64, 64))
+    m.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = m(x)
+        fused = m.fuse_bn_()(x)
+    assert torch.allclose(ref, fused, rtol=1e-4, atol=1e-4)
+
+
+def test_summary_prints_shapes_and_counts(capsys):
+    fcn.main(fcn.get_args_parser().parse_args(["--height", "96", "--width", "128"]))
+    out = capsys.readouterr().out
+    assert "15,236,964" in out and "16,544" in out
+    assert "(1, 256, 24, 32)" in out and "(1, 4, 96, 128)" in out

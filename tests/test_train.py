@@ -1,0 +1,150 @@
+"""train.py and evaluate.py end to end on the real data at tiny sizes: resume, NaN stop, Ctrl-C, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_generator as dg
+import evaluate
+import train
+from model_utils import TrainingError, load_checkpoint
+
+ROOT = dg.Path(dg.__file__).parent
+
+
+def _args(tmp_path, drinks, *extra):
+    base = ["--data-path", str(drinks), "--output-dir", str(tmp_path / "weights"), "--figures-dir",
+            str(tmp_path / "figures"), "--run-name", "run", "--workers", "0"]
+    return train.get_args_parser().parse_args(base + [str(e) for e in extra])
+
+
+def test_tiny_run_resume_and_evaluate(tmp_path, drinks):
+    train.main(_args(tmp_path, drinks, "--height", 60, "--width", 80, "--limit", 32, "--epochs", 1, "--workers", 2))
+    run = tmp_path / "weights" / "run"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    train.main(_args(tmp_path, drinks, "--height", 60, "--width", 80, "--limit", 32, "--epochs", 2, "--resume"))
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"train_loss", "lr", "seconds", "val"} <= set(lines[0]) and lines[1]["val"]["n_images"] == 100
+    assert (tmp_path / "figures" / "run" / "curves.png").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["resume"] is True
+    test_metrics = json.loads((run / "test_metrics.json").read_text())
+    assert test_metrics["n_images"] == 51
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["height"] == 60
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-3, 1e-3]
+
+    preds, figs = tmp_path / "preds", tmp_path / "evalfigs"
+    args = evaluate.get_args_parser().parse_args([
+        "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--split", "test", "--json",
+        str(tmp_path / "m.json"), "--save-predictions", str(preds), "--figures", "3", "--figures-dir", str(figs),
+        "--workers", "0"])
+    evaluate.main(args)
+    assert (figs / "samples.png").is_file() and (figs / "confusion_matrix.png").is_file()
+    reported = json.loads((tmp_path / "m.json").read_text())
+    assert {"miou", "miou_per_image", "pixel_accuracy", "pixel_accuracy_per_image", "mean_class_accuracy",
+            "per_class", "n_images"} <= set(reported)
+
+    # score the saved PNGs against the polygons, independently of SegmentationMetrics
+    ann = dg.load_annotations(drinks, "test")
+    conf = np.zeros((4, 4), dtype=np.int64)
+    per_image = []
+    for i, name in enumerate(ann.filenames):
+        png = Image.open(preds / (dg.Path(name).stem + ".png"))
+        assert png.mode == "P" and png.size == (640, 480)
+        pred, gt = np.asarray(png).astype(np.int64), ann.mask(i).astype(np.int64)
+        c = np.bincount(gt.ravel() * 4 + pred.ravel(), minlength=16).reshape(4, 4)
+        conf += c
+        tp, union = np.diag(c), c.sum(0) + c.sum(1) - np.diag(c)
+        present = c.sum(1) > 0
+        per_image.append((tp[present] / union[present]).mean())
+    tp, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
+    assert reported["miou"] == pytest.approx((tp[union > 0] / union[union > 0]).mean(), abs=1e-9)
+    assert reported["miou_per_image"] == pytest.approx(np.mean(per_image), abs=1e-9)
+    assert reported["pixel_accuracy"] == pytest.approx(tp.sum() / conf.sum(), abs=1e-12)
+    assert reported["n_images"] == 51
+
+    out = tmp_path / "files"
+    evaluate.main(evaluate.get_args_parser().parse_args([
+        "--weights", str(run / "best.pt"), "--image-file", str(drinks / "0010000.jpg"), "--output-dir", str(out)]))
+    assert Image.open(out / "0010000-mask.png").size == (640, 480) and (out / "0010000-overlay.png").is_file()
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch):
+    common = ["--height", 32, "--width", 40, "--limit", 24, "--val-fraction", 0.005, "--deterministic", "--no-test",
+              "--batch-size", 4]
+    full, part, stopped = tmp_path / "full", tmp_path / "part", tmp_path / "stopped"
+    train.main(_args(full, drinks, *common, "--epochs", 2))
+    train.main(_args(part, drinks, *common, "--epochs", 1, "--workers", 2))
+    train.main(_args(part, drinks, *common, "--epochs", 2, "--resume"))
+
+    calls = {"n": 0}
+
+    def criterion_with_ctrl_c(logits, target):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, step 3 of 6
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    monkeypatch.setattr(train, "build_criterion", lambda: criterion_with_ctrl_c)
+    assert train.main(_args(stopped, drinks, *common, "--epochs", 2)) is None
+    ckpt = load_checkpoint(stopped / "weights" / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
+    monkeypatch.undo()
+    train.main(_args(stopped, drinks, *common, "--epochs", 2, "--resume"))
+
+    ref = _weights(full / "weights" / "run" / "last.pt")
+    for other in (part, stopped):
+        got = _weights(other / "weights" / "run" / "last.pt")
+        assert all(torch.equal(ref[k], got[k]) for k in ref), f"{other.name} differs from the uninterrupted run"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, drinks, monkeypatch):
+    calls = {"n": 0}
+
+    def criterion(logits, target):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 has 4 steps
+
+    monkeypatch.setattr(train, "build_criterion", lambda: criterion)
+    with pytest.raises(TrainingError, match=r"loss is not finite at epoch 2 step .*last.pt keeps the last good"):
+        train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 16, "--epochs", 3))
+    ckpt = load_checkpoint(tmp_path / "weights" / "run" / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, drinks):
+    train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 8, "--epochs", 1, "--no-test"))
+    with pytest.raises(TrainingError, match="last.pt exists: pass --resume"):
+        train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 8, "--epochs", 1))
+
+
+def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, drinks):
+    """5 validation images over 2 ranks: padding would count one twice (pytorch/vision#4559)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data-path", str(drinks), "--output-dir", str(tmp_path / "w"), "--figures-dir", str(tmp_path / "f"),
+           "--run-name", "ddp", "--height", "32", "--width", "40", "--limit", "16", "--val-fraction", "0.005",
+           "--epochs", "1", "--workers", "0", "--no-test", "--no-amp", "--batch-size", "2"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reported = json.loads((tmp_path / "w" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["val"]
+    assert reported["n_images"] == 5
+    single = evaluate.evaluate_checkpoint(tmp_path / "w" / "ddp" / "last.pt", drinks, "val", batch_size=2,
+                                          workers=0, device="cpu", amp=False, quiet=True)
+    assert single["n_images"] == 5
+    for key in ("miou", "miou_per_image", "pixel_accuracy", "pixel_accuracy_per_image", "mean_class_accuracy"):
+        assert reported[key] == pytest.approx(single[key], abs=1e-6), key
