@@ -19,22 +19,22 @@ from torch.nn import functional as F
 
 from data_generator import (DataError, PALETTE, build_loader, default_data_path, make_dataset, overlay,
                             read_image, save_figure)
-from model_utils import (SegmentationMetrics, amp_dtype, format_metrics_table, get_device, load_checkpoint,
-                         model_from_checkpoint, run_cli)
+from model_utils import (SegmentationMetrics, amp_dtype, format_metrics_table, get_device, inference_model,
+                         load_checkpoint, model_from_checkpoint, run_cli)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def to_input(images, device, channels_last=False):
-    """uint8 (B, 3, H, W) images -> float [0, 1] on ``device`` (the book's img_as_float scaling)."""
+def to_input(images, device, channels_last=False, dtype=None):
+    """uint8 (B, 3, H, W) images -> [0, 1] floats on ``device`` (the book's img_as_float scaling).
+
+    The copy to the device moves uint8, a quarter of the bytes of float32. ``dtype`` casts the result (for a
+    model whose weights were cast by ``inference_model``).
+    """
     x = images.to(device, non_blocking=True).float().div_(255)
+    if dtype is not None:
+        x = x.to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def predict_logits(model, x, dtype=None):
-    """Logits of ``model`` on ``x``, under autocast when ``dtype`` is set; returned in float32."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        return model(x).float()
 
 
 def upsample_argmax(logits, size):
@@ -51,12 +51,11 @@ def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=F
     Returns (SegmentationMetrics, predictions): the predictions are uint8 (H, W) class maps in loader order
     when ``keep_predictions`` is set, else None. The metrics are not reduced across ranks.
     """
-    was_training = model.training
-    model.eval()
+    fast = inference_model(model, dtype, channels_last)  # BN folded, low-precision weights: a copy
     metrics = SegmentationMetrics(n_classes, device)
     predictions = [] if keep_predictions else None
     for images, masks in loader:
-        logits = predict_logits(model, to_input(images, device, channels_last), dtype)
+        logits = fast(to_input(images, device, channels_last, dtype)).float()  # (B, C, h, w)
         same_size = all(m.shape == masks[0].shape for m in masks)
         preds = upsample_argmax(logits, masks[0].shape) if same_size else None
         for i, mask in enumerate(masks):
@@ -64,7 +63,6 @@ def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=F
             metrics.update(pred, mask.to(device, non_blocking=True))
             if keep_predictions:
                 predictions.append(pred.to("cpu", torch.uint8).numpy())
-    model.train(was_training)
     return metrics, predictions
 
 
@@ -164,8 +162,6 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
     device = get_device(device)
     model, ckpt = load_model(weights, device)
     cfg, train_args = ckpt["config"], ckpt.get("args", {})
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     dataset, class_names = make_dataset(data_path, split, cfg["height"], cfg["width"], augment=False,
                                         val_fraction=train_args.get("val_fraction", 0.1),
                                         seed=train_args.get("seed", 0), limit=limit, workers=workers)
@@ -221,11 +217,12 @@ def segment_files(weights, paths, out_dir, device=None, amp=True):
     device = get_device(device)
     model, ckpt = load_model(weights, device)
     cfg, dtype = ckpt["config"], amp_dtype(device, amp)
+    fast = inference_model(model, dtype)
     written = []
     for path in image_files(paths):
         image = read_image(path)  # (H, W, 3) uint8
         x = TF.resize(torch.from_numpy(image).permute(2, 0, 1), [cfg["height"], cfg["width"]], antialias=True)
-        logits = predict_logits(model, to_input(x[None], device), dtype)
+        logits = fast(to_input(x[None], device, True, dtype)).float()
         pred = upsample_argmax(logits, image.shape[:2])[0].to("cpu", torch.uint8).numpy()
         stem = Path(out_dir) / path.stem
         save_mask_png(pred, f"{stem}-mask.png")

@@ -172,6 +172,23 @@ def make_grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+def inference_model(model, dtype=None, channels_last=True):
+    """A copy of ``model`` made fast for inference: eval mode, BatchNorm folded into the preceding convs,
+    weights cast to ``dtype`` (bf16/fp16, so no per-call autocast casts) and channels_last layout.
+
+    Feed it inputs of the same dtype and layout (see evaluate.to_input); the original model is untouched.
+    """
+    import copy
+
+    fast = copy.deepcopy(model).eval()
+    fast.fuse_bn_()
+    if dtype is not None:
+        fast = fast.to(dtype)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    return fast
+
+
 @dataclass
 class DistInfo:
     """Where this process stands in a (possibly single-process) run."""

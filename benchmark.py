@@ -1,0 +1,198 @@
+"""Measure training and inference throughput of the FCN, its FLOPs and MFU, and the data pipeline's rate.
+
+Everything is measured in one process, after warm-up: the project's fast settings (bf16 autocast where the
+hardware has it, channels_last; for inference also BatchNorm folded into the convs and bf16 weights) against
+the same network in plain float32 eager mode, so the speed-ups are ratios taken side by side. The peak of a
+large matrix multiply, measured in the same process, gives the model FLOP utilisation (MFU).
+
+    python benchmark.py --height 240 --width 320 --batch-size 4 --steps 3 --device cpu --json
+    python benchmark.py --height 480 --width 640 --batch-size 16 --steps 20 --device cuda --compile
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from data_generator import DataError, build_loader, default_data_path, make_dataset
+from evaluate import to_input
+from fcn import build_fcn
+from model_utils import amp_dtype, get_device, inference_model, run_cli, seed_everything
+from train import build_optimizer
+
+
+def sync(device):
+    """Wait for queued GPU work, so wall-clock times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps, warmup, device):
+    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def matmul_peak_gflops(device, dtype, n=4096, steps=5):
+    """GFLOP/s of an n x n x n matrix product in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: torch.mm(a, b), steps, 2, device)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def model_gflops(height, width, n_classes=4):
+    """(forward, forward + backward) GFLOPs per image, counted by torch.utils.flop_counter."""
+    model = build_fcn(n_classes)
+    x = torch.rand(2, 3, height, width)  # 2 images: train-mode BatchNorm needs more than one value per channel
+    with FlopCounterMode(display=False) as fwd:
+        logits = model(x)
+    forward = fwd.get_total_flops() / 2
+    with FlopCounterMode(display=False) as bwd:
+        F.cross_entropy(logits, torch.zeros(2, height, width, dtype=torch.long)).backward()
+    return forward / 1e9, (forward + bwd.get_total_flops() / 2) / 1e9
+
+
+def train_step_fn(model, optimizer, x, y, dtype):
+    """One optimizer step on a fixed batch, as train.py does it (loss scaling is not needed for bf16)."""
+    def step():
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def measure_training(args, device, fast):
+    """Training img/s, fast settings or the float32 eager baseline."""
+    seed_everything(0)
+    model = build_fcn().to(device)
+    dtype = amp_dtype(device) if fast else None
+    images = torch.randint(0, 256, (args.batch_size, 3, args.height, args.width), dtype=torch.uint8)
+    x = to_input(images, device, channels_last=fast)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (args.batch_size, args.height, args.width), device=device)
+    optimizer = build_optimizer(model, 1e-3, 1e-4)
+    run = torch.compile(model) if fast and args.compile else model
+    seconds = timed(train_step_fn(run, optimizer, x, y, dtype), args.steps, args.warmup, device)
+    return args.batch_size / seconds
+
+
+@torch.inference_mode()
+def measure_inference(args, device, fast):
+    """Inference img/s, fast settings (BN folded, low-precision weights, channels_last) or the baseline."""
+    seed_everything(0)
+    model = build_fcn().to(device).eval()
+    dtype = amp_dtype(device) if fast else None
+    if fast:
+        model = inference_model(model, dtype, channels_last=True)
+        if args.compile:
+            model = torch.compile(model)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.height, args.width), dtype=torch.uint8)
+    x = to_input(images, device, channels_last=fast, dtype=dtype)
+    seconds = timed(lambda: model(x), args.steps, args.warmup, device)
+    return args.batch_size / seconds
+
+
+def measure_data(args):
+    """Training data pipeline img/s (cached decode, rasterised masks, augmentation) with the default workers."""
+    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, augment=True, workers=args.workers)
+    loader = build_loader(dataset, args.batch_size, True, args.workers)
+    loader.sampler.set_epoch(0)
+    batches = iter(loader)
+    next(batches)  # workers start
+    n, t = 0, time.perf_counter()
+    for images, _ in batches:
+        n += images.shape[0]
+        if n >= args.data_images:
+            break
+    return n / (time.perf_counter() - t)
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def get_args_parser():
+    """Flags of benchmark.py."""
+    p = argparse.ArgumentParser(description="Throughput, FLOPs and MFU of the FCN, fast path against float32 eager.")
+    p.add_argument("--height", type=int, default=240, help="input height")
+    p.add_argument("--width", type=int, default=320, help="input width")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    p.add_argument("--data-path", default=default_data_path(), help="dataset for the data pipeline measurement")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers for the data measurement (default: train.py's default)")
+    p.add_argument("--data-images", type=int, default=200, help="images to time the data pipeline on")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    return p
+
+
+def main(args):
+    """Run every measurement and print a table or one JSON line."""
+    from train import get_args_parser as train_parser
+
+    device = get_device(args.device)
+    workers = train_parser().get_default("workers") if args.workers is None else args.workers
+    args = argparse.Namespace(**{**vars(args), "workers": workers})
+    torch.backends.cudnn.benchmark = True
+    fwd_gflops, train_gflops = model_gflops(args.height, args.width)
+    r = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+         "height": args.height, "width": args.width, "batch_size": args.batch_size, "compile": args.compile,
+         "autocast": str(amp_dtype(device)),
+         "gflops_per_img": round(fwd_gflops, 3), "train_gflops_per_img": round(train_gflops, 3)}
+    r["peak_bf16_gflops"] = matmul_peak_gflops(device, torch.bfloat16)
+    r["peak_fp32_gflops"] = matmul_peak_gflops(device, torch.float32)
+    r["baseline_train_img_s"] = measure_training(args, device, fast=False)
+    r["train_img_s"] = measure_training(args, device, fast=True)
+    r["baseline_infer_img_s"] = measure_inference(args, device, fast=False)
+    r["infer_img_s"] = measure_inference(args, device, fast=True)
+    r["train_speedup"] = r["train_img_s"] / r["baseline_train_img_s"]
+    r["infer_speedup"] = r["infer_img_s"] / r["baseline_infer_img_s"]
+    r["train_gflop_s"] = r["train_img_s"] * train_gflops
+    r["infer_gflop_s"] = r["infer_img_s"] * fwd_gflops
+    r["mfu"] = r["train_gflop_s"] / r["peak_bf16_gflops"]
+    r["infer_mfu"] = r["infer_gflop_s"] / r["peak_bf16_gflops"]
+    r["baseline_mfu_fp32"] = r["baseline_train_img_s"] * train_gflops / r["peak_fp32_gflops"]
+    try:
+        r["data_img_s"] = measure_data(args)
+    except DataError as e:
+        r["data_img_s"], r["data_note"] = None, str(e)
+    r["data_workers"] = workers
+    r["peak_mem_mb"] = peak_memory_mb(device)
+    r = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+    if args.json:
+        print(json.dumps(r))
+        return r
+    print(f"{device} ({r['threads']} threads), torch {r['torch']}, {args.height}x{args.width}, batch {args.batch_size}")
+    print(f"model: {fwd_gflops:.2f} GFLOPs/img forward, {train_gflops:.2f} forward+backward")
+    print(f"matmul peak: bf16 {r['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {r['peak_fp32_gflops']:.0f} GFLOP/s")
+    print(f"{'':<10}{'fp32 eager':>12}{'fast':>10}{'speed-up':>10}{'GFLOP/s':>10}{'MFU (bf16)':>12}")
+    for kind in ("train", "infer"):
+        print(f"{kind + ' img/s':<10}{r[f'baseline_{kind}_img_s']:>12.2f}{r[f'{kind}_img_s']:>10.2f}"
+              f"{r[f'{kind}_speedup']:>9.2f}x{r[f'{kind}_gflop_s']:>10.0f}"
+              f"{r['mfu' if kind == 'train' else 'infer_mfu']:>12.2f}")
+    data = "not measured: " + r["data_note"] if r["data_img_s"] is None else f"{r['data_img_s']:.1f} img/s"
+    print(f"data pipeline ({workers} workers): {data}; peak memory {r['peak_mem_mb']:.0f} MB")
+    return r
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
