@@ -38,13 +38,18 @@ def run_cli(main, parser):
 
 # --------------------------------------------------------------------------------------------------- schedule
 
-def lr_scheduler(epoch, base_lr=BASE_LR):
-    """The book's step schedule: base until epoch 40, then x0.5, x0.1 after 60, x0.05 after 80 (0-based)."""
-    if epoch > 80:
+def lr_scheduler(epoch, base_lr=BASE_LR, epochs=100):
+    """The book's step schedule: base until epoch 40, then x0.5, x0.1 after 60, x0.05 after 80 (0-based).
+
+    ``epochs`` other than the book's 100 scales the steps to the run's length (40%, 60%, 80% of it), so a
+    short run decays too.
+    """
+    scale = epochs / 100
+    if epoch > 80 * scale:
         return base_lr * 0.05
-    if epoch > 60:
+    if epoch > 60 * scale:
         return base_lr * 0.1
-    if epoch > 40:
+    if epoch > 40 * scale:
         return base_lr * 0.5
     return base_lr
 

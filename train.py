@@ -26,8 +26,9 @@ from tqdm import tqdm
 from data_generator import build_loader, default_data_path, ensure_data, make_dataset
 from evaluate import evaluate_checkpoint, evaluate_model, to_input, write_json
 from fcn import build_fcn
-from model_utils import (BASE_LR, TrainingError, amp_dtype, broadcast_buffers, init_distributed, load_checkpoint, lr_scheduler,
-                         make_grad_scaler, rng_state, run_cli, save_checkpoint, seed_everything, set_lr, set_rng_state)
+from model_utils import (BASE_LR, TrainingError, amp_dtype, broadcast_buffers, init_distributed, load_checkpoint,
+                         lr_scheduler, make_grad_scaler, rng_state, run_cli, save_checkpoint, seed_everything, set_lr,
+                         set_rng_state)
 from resnet import L2_WEIGHT
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
@@ -187,9 +188,10 @@ def plot_curves(metrics_path, figure_path):
     plt.close(fig)
 
 
-def estimate_cpu_minutes(model, optimizer, args, dtype, n_train, n_val):
+def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
     """Minutes the run should take on this CPU, from one timed training step on a throwaway copy."""
-    model, optimizer = copy.deepcopy(model), copy.deepcopy(optimizer)
+    model = copy.deepcopy(model)
+    optimizer = build_optimizer(model, args.lr, args.l2)
     x = torch.rand(args.batch_size, 3, args.height, args.width)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -216,6 +218,9 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=100, help="total epochs (the book: 100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (the book: 4)")
     p.add_argument("--lr", type=float, default=BASE_LR, help="base learning rate of the book's schedule")
+    p.add_argument("--lr-schedule", default="book", choices=["book", "scaled"],
+                   help="book: x0.5 after epoch 40, x0.1 after 60, x0.05 after 80; scaled: the same steps at "
+                        "40%%, 60%%, 80%% of --epochs (for short runs)")
     p.add_argument("--l2", type=float, default=L2_WEIGHT, help="the book's L2 coefficient on the backbone's kernels")
     p.add_argument("--height", type=int, default=480, help="input height the images are resized to")
     p.add_argument("--width", type=int, default=640, help="input width the images are resized to")
@@ -315,13 +320,13 @@ def _train(args, info, device):
     if args.compile:
         train_model = torch.compile(train_model)
     if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
-        minutes = estimate_cpu_minutes(model, optimizer, args, dtype, len(train_set), len(val_set))
+        minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set))
         print(f"no GPU: training on the CPU. Estimated time for {args.epochs} epochs of {len(train_set)} images "
               f"at {args.height}x{args.width}: {minutes:.0f} min. For a short CPU run see README.md.")
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, args.epochs):
-            lr = lr_scheduler(epoch, args.lr)
+            lr = lr_scheduler(epoch, args.lr, 100 if args.lr_schedule == "book" else args.epochs)
             set_lr(optimizer, lr)
             train_loader.sampler.set_epoch(epoch)
             train_loader.sampler.skip = start_step * args.batch_size if epoch == start_epoch else 0

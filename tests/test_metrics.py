@@ -48,6 +48,8 @@ def test_books_schedule_values():
     for epoch, lr in expected.items():
         assert mu.lr_scheduler(epoch) == pytest.approx(lr)
     assert mu.lr_scheduler(70, base_lr=2e-3) == pytest.approx(2e-4)
+    scaled = [mu.lr_scheduler(e, epochs=10) for e in range(10)]
+    assert scaled == pytest.approx([1e-3] * 5 + [5e-4] * 2 + [1e-4] * 2 + [5e-5])
 
 
 def test_schedule_reaches_the_optimizer():
