@@ -6,7 +6,8 @@ training annotations; the best epoch is scored on the test split at the end.
 
     python train.py                                   # the book's recipe, on a GPU
     python train.py --resume                          # continue weights/<run>/last.pt
-    python train.py --height 120 --width 160 --epochs 12 --run-name cpu-120x160   # a CPU-sized run
+    python train.py --height 120 --width 160 --epochs 12 --no-augment --lr-schedule scaled \
+        --run-name cpu-120x160                        # the CPU recipe: under 30 minutes on 2 cores
     torchrun --nproc_per_node=4 train.py --sync-bn    # several GPUs
 """
 import argparse
