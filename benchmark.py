@@ -20,8 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from data_generator import DataError, build_loader, default_data_path, make_dataset
 from evaluate import to_input
 from fcn import build_fcn
-from model_utils import amp_dtype, get_device, inference_model, run_cli, seed_everything
-from train import build_optimizer
+from model_utils import amp_dtype, get_device, inference_model, make_grad_scaler, run_cli, seed_everything
+from train import build_criterion, build_optimizer, train_step
+from train import get_args_parser as train_parser
 
 
 def sync(device):
@@ -62,17 +63,6 @@ def model_gflops(height, width, n_classes=4):
     return forward / 1e9, (forward + bwd.get_total_flops() / 2) / 1e9
 
 
-def train_step_fn(model, optimizer, x, y, dtype):
-    """One optimizer step on a fixed batch, as train.py does it (loss scaling is not needed for bf16)."""
-    def step():
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
 def measure_training(args, device, fast):
     """Training img/s, fast settings or the float32 eager baseline."""
     seed_everything(0)
@@ -84,8 +74,13 @@ def measure_training(args, device, fast):
         model = model.to(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (args.batch_size, args.height, args.width), device=device)
     optimizer = build_optimizer(model, 1e-3, 1e-4)
-    run = torch.compile(model) if fast and args.compile else model
-    seconds = timed(train_step_fn(run, optimizer, x, y, dtype), args.steps, args.warmup, device)
+    scaler = make_grad_scaler(device, dtype)
+    run, criterion = (torch.compile(model) if fast and args.compile else model), build_criterion()
+
+    def step():  # exactly train.py's optimizer step
+        train_step(run, criterion, optimizer, scaler, x, y, dtype)
+
+    seconds = timed(step, args.steps, args.warmup, device)
     return args.batch_size / seconds
 
 
@@ -105,10 +100,10 @@ def measure_inference(args, device, fast):
     return args.batch_size / seconds
 
 
-def measure_data(args):
-    """Training data pipeline img/s (cached decode, rasterised masks, augmentation) with the default workers."""
-    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, augment=True, workers=args.workers)
-    loader = build_loader(dataset, args.batch_size, True, args.workers)
+def measure_data(args, workers):
+    """Training data pipeline img/s (cached decode, rasterised masks, augmentation) with ``workers`` workers."""
+    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, augment=True, workers=workers)
+    loader = build_loader(dataset, args.batch_size, True, workers)
     loader.sampler.set_epoch(0)
     batches = iter(loader)
     next(batches)  # workers start
@@ -147,11 +142,8 @@ def get_args_parser():
 
 def main(args):
     """Run every measurement and print a table or one JSON line."""
-    from train import get_args_parser as train_parser
-
     device = get_device(args.device)
     workers = train_parser().get_default("workers") if args.workers is None else args.workers
-    args = argparse.Namespace(**{**vars(args), "workers": workers})
     torch.backends.cudnn.benchmark = True
     fwd_gflops, train_gflops = model_gflops(args.height, args.width)
     r = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -172,7 +164,7 @@ def main(args):
     r["infer_mfu"] = r["infer_gflop_s"] / r["peak_bf16_gflops"]
     r["baseline_mfu_fp32"] = r["baseline_train_img_s"] * train_gflops / r["peak_fp32_gflops"]
     try:
-        r["data_img_s"] = measure_data(args)
+        r["data_img_s"] = measure_data(args, workers)
     except DataError as e:
         r["data_img_s"], r["data_note"] = None, str(e)
     r["data_workers"] = workers

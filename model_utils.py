@@ -1,5 +1,6 @@
 """Training utilities: the book's learning-rate schedule, checkpoints, seeding, devices, mixed precision,
 distributed setup and segmentation metrics."""
+import copy
 import os
 import random
 import sys
@@ -183,8 +184,6 @@ def inference_model(model, dtype=None, channels_last=True):
 
     Feed it inputs of the same dtype and layout (see evaluate.to_input); the original model is untouched.
     """
-    import copy
-
     fast = copy.deepcopy(model).eval()
     fast.fuse_bn_()
     if dtype is not None:

@@ -82,6 +82,17 @@ class StopRequest:
         return False
 
 
+def train_step(model, criterion, optimizer, scaler, x, target, dtype):
+    """One optimizer step under autocast (``dtype`` None: float32); returns the loss, without a host sync."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        loss = criterion(model(x), target)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
                     loss_state, is_main, world_size):
     """Train one epoch from ``start_step``. Returns (loss_state, next_step, stopped).
@@ -99,12 +110,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
     for images, masks in loader:
         x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
         target = masks.to(device, non_blocking=True).long()  # (B, H, W)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = criterion(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(model, criterion, optimizer, scaler, x, target, dtype)
         loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
         step += 1
         seen += images.shape[0] * world_size
