@@ -2,8 +2,10 @@
 
 Everything is measured in one process, after warm-up: the project's fast settings (bf16 autocast where the
 hardware has it, channels_last; for inference also BatchNorm folded into the convs and bf16 weights) against
-the same network in plain float32 eager mode, so the speed-ups are ratios taken side by side. The peak of a
-large matrix multiply, measured in the same process, gives the model FLOP utilisation (MFU).
+a plain port of the same network in float32 eager mode (stock PyTorch layers, glibc's default malloc), so the
+speed-ups are ratios taken side by side. A third measurement, the project's network and allocator setting in
+float32 eager mode (``fp32_*``), shows how much of the speed-up is not bf16. The peak of a large matrix
+multiply, measured in the same process, gives the model FLOP utilisation (MFU).
 
     python benchmark.py --height 240 --width 320 --batch-size 4 --steps 3 --device cpu --json
     python benchmark.py --height 480 --width 640 --batch-size 16 --steps 20 --device cuda --compile
@@ -14,13 +16,16 @@ import resource
 import time
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_generator import DataError, build_loader, default_data_path, make_dataset
 from evaluate import to_input
 from fcn import build_fcn
-from model_utils import amp_dtype, get_device, inference_model, make_grad_scaler, run_cli, seed_everything
+from model_utils import (amp_dtype, get_device, inference_model, keep_freed_memory, make_grad_scaler, run_cli,
+                         seed_everything)
+from resnet import ConvTranspose2d
 from train import build_criterion, build_optimizer, train_step
 from train import get_args_parser as train_parser
 
@@ -63,10 +68,29 @@ def model_gflops(height, width, n_classes=4):
     return forward / 1e9, (forward + bwd.get_total_flops() / 2) / 1e9
 
 
-def measure_training(args, device, fast):
-    """Training img/s, fast settings or the float32 eager baseline."""
+def plain_port(model):
+    """``model`` as a plain port writes it: each transposed conv a stock ``nn.ConvTranspose2d`` (bias inside)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ConvTranspose2d):
+                stock = nn.ConvTranspose2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                           child.padding, child.output_padding, child.groups,
+                                           child.bias is not None, child.dilation)
+                stock.load_state_dict(child.state_dict())
+                setattr(module, name, stock)
+    return model
+
+
+def build_model(device, plain):
+    """The seeded FCN on ``device``, as a plain port (``plain``) or as the project builds it."""
     seed_everything(0)
-    model = build_fcn().to(device)
+    model = build_fcn()
+    return (plain_port(model) if plain else model).to(device)
+
+
+def measure_training(args, device, fast, plain=False):
+    """Training img/s: fast settings, or float32 eager (``plain``: the plain port)."""
+    model = build_model(device, plain)
     dtype = amp_dtype(device) if fast else None
     images = torch.randint(0, 256, (args.batch_size, 3, args.height, args.width), dtype=torch.uint8)
     x = to_input(images, device, channels_last=fast)
@@ -85,10 +109,9 @@ def measure_training(args, device, fast):
 
 
 @torch.inference_mode()
-def measure_inference(args, device, fast):
-    """Inference img/s, fast settings (BN folded, low-precision weights, channels_last) or the baseline."""
-    seed_everything(0)
-    model = build_fcn().to(device).eval()
+def measure_inference(args, device, fast, plain=False):
+    """Inference img/s: fast settings (BN folded, low-precision weights, channels_last), or float32 eager."""
+    model = build_model(device, plain).eval()
     dtype = amp_dtype(device) if fast else None
     if fast:
         model = inference_model(model, dtype, channels_last=True)
@@ -152,9 +175,14 @@ def main(args):
          "gflops_per_img": round(fwd_gflops, 3), "train_gflops_per_img": round(train_gflops, 3)}
     r["peak_bf16_gflops"] = matmul_peak_gflops(device, torch.bfloat16)
     r["peak_fp32_gflops"] = matmul_peak_gflops(device, torch.float32)
-    r["baseline_train_img_s"] = measure_training(args, device, fast=False)
+    # the plain port first, while malloc still has glibc's defaults, as a plain script's process has them
+    r["baseline_train_img_s"] = measure_training(args, device, fast=False, plain=True)
+    r["baseline_infer_img_s"] = measure_inference(args, device, fast=False, plain=True)
+    r["keep_freed_memory"] = keep_freed_memory()  # what train.py and evaluate.py do first
+    # float32 eager with the project's network and allocator: the part of the speed-up that is not bf16
+    r["fp32_train_img_s"] = measure_training(args, device, fast=False)
+    r["fp32_infer_img_s"] = measure_inference(args, device, fast=False)
     r["train_img_s"] = measure_training(args, device, fast=True)
-    r["baseline_infer_img_s"] = measure_inference(args, device, fast=False)
     r["infer_img_s"] = measure_inference(args, device, fast=True)
     r["train_speedup"] = r["train_img_s"] / r["baseline_train_img_s"]
     r["infer_speedup"] = r["infer_img_s"] / r["baseline_infer_img_s"]
@@ -176,9 +204,10 @@ def main(args):
     print(f"{device} ({r['threads']} threads), torch {r['torch']}, {args.height}x{args.width}, batch {args.batch_size}")
     print(f"model: {fwd_gflops:.2f} GFLOPs/img forward, {train_gflops:.2f} forward+backward")
     print(f"matmul peak: bf16 {r['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {r['peak_fp32_gflops']:.0f} GFLOP/s")
-    print(f"{'':<10}{'fp32 eager':>12}{'fast':>10}{'speed-up':>10}{'GFLOP/s':>10}{'MFU (bf16)':>12}")
+    print(f"{'':<12}{'plain fp32':>12}{'fp32':>8}{'fast':>8}{'speed-up':>10}{'GFLOP/s':>10}{'MFU (bf16)':>12}")
     for kind in ("train", "infer"):
-        print(f"{kind + ' img/s':<10}{r[f'baseline_{kind}_img_s']:>12.2f}{r[f'{kind}_img_s']:>10.2f}"
+        print(f"{kind + ' img/s':<12}{r[f'baseline_{kind}_img_s']:>12.2f}{r[f'fp32_{kind}_img_s']:>8.2f}"
+              f"{r[f'{kind}_img_s']:>8.2f}"
               f"{r[f'{kind}_speedup']:>9.2f}x{r[f'{kind}_gflop_s']:>10.0f}"
               f"{r['mfu' if kind == 'train' else 'infer_mfu']:>12.2f}")
     data = "not measured: " + r["data_note"] if r["data_img_s"] is None else f"{r['data_img_s']:.1f} img/s"

@@ -35,6 +35,7 @@ DEFAULT_DATA_PATH = "dataset/drinks"
 DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")
 ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}
 # Background black, as in the book's figures; then one clear colour per drink.
+AUGMENTATIONS = ("full", "flip", "none")  # see train_transform
 PALETTE = ((0, 0, 0), (30, 144, 255), (220, 20, 60), (255, 165, 0))
 # A public copy of the archive (Google Drive, shared by a course that uses the book). DRINKS_URL overrides it.
 DEFAULT_URL = "https://drive.usercontent.google.com/download?id=1AdMbVK110IKLG7wJKhga2N2fitV1bVPA&export=download&confirm=t"
@@ -293,14 +294,23 @@ def split_indices(n, val_fraction=0.1, seed=0):
 
 # --------------------------------------------------------------------------------------------------- transforms
 
-def train_transform(height, width, augment=True):
-    """Joint image/mask transform for training: resize to (height, width), plus flip, scale-crop and jitter.
+def train_transform(height, width, augment="full"):
+    """Joint image/mask transform for training: resize to (height, width), with ``augment``:
 
-    With ``augment=False`` it is the book's plain pipeline: a resize. Images stay uint8 (scaled on the device);
-    masks are resized by nearest neighbour (tv_tensors.Mask).
+    - ``"full"``: horizontal flip, random scale-crop (40-100% of the area) and mild colour jitter;
+    - ``"flip"``: horizontal flip only;
+    - ``"none"``: the book's plain pipeline, a resize. (True and False mean "full" and "none".)
+
+    Images stay uint8 (scaled on the device); masks are resized by nearest neighbour (tv_tensors.Mask).
     """
-    if not augment:
-        return v2.Resize((height, width), antialias=True)
+    augment = {True: "full", False: "none"}.get(augment, augment)
+    resize = v2.Resize((height, width), antialias=True)
+    if augment == "none":
+        return resize
+    if augment == "flip":
+        return v2.Compose([v2.RandomHorizontalFlip(), resize])
+    if augment != "full":
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     aspect = width / height
     return v2.Compose([
         v2.RandomHorizontalFlip(),
@@ -419,7 +429,7 @@ def build_loader(dataset, batch_size, train, workers=2, seed=0, rank=0, world=1,
     )
 
 
-def make_dataset(data_path, split, height, width, augment=True, val_fraction=0.1, seed=0, limit=None,
+def make_dataset(data_path, split, height, width, augment="full", val_fraction=0.1, seed=0, limit=None,
                  cache_images=True, workers=4, legacy_masks=None, allow_pickle=False):
     """The dataset of ``split``: "train" and "val" are a seeded split of the training annotations, "test" the
     test file. ``limit`` keeps the first N images of the split (smoke runs). Returns (dataset, class_names)."""

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from data_generator import (DataError, PALETTE, build_loader, default_data_path, make_dataset, overlay,
                             read_image, save_figure)
 from model_utils import (SegmentationMetrics, amp_dtype, format_metrics_table, get_device, inference_model,
-                         load_checkpoint, model_from_checkpoint, run_cli)
+                         keep_freed_memory, load_checkpoint, model_from_checkpoint, run_cli)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -263,6 +263,7 @@ def get_args_parser():
 
 def main(args):
     """Evaluate a checkpoint on a split, or segment the files given with --image-file."""
+    keep_freed_memory()
     run = Path(args.weights).resolve().parent.name
     if args.image_file:
         return segment_files(args.weights, args.image_file, args.output_dir or Path("figures") / run / "predictions",

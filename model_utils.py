@@ -1,6 +1,7 @@
 """Training utilities: the book's learning-rate schedule, checkpoints, seeding, devices, mixed precision,
 distributed setup and segmentation metrics."""
 import copy
+import ctypes
 import os
 import random
 import sys
@@ -27,6 +28,26 @@ class TrainingError(RuntimeError):
 
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError)
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel. Linux only.
+
+    A CPU training step allocates and frees activations of up to hundreds of MB each. By default glibc serves
+    such blocks with mmap and unmaps them on free (and gives each thread its own arena), so every step
+    page-faults ~2 GB back in: a third of a step at 240x320, batch 4. With one arena, no mmap and no
+    trimming, the heap grows to a step's peak once and is then reused. Call it before the work starts (new
+    threads join the one arena; threads that already have one keep it). Returns whether it was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from glibc's malloc.h
+    settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1))  # a threshold of -1: never trim
+    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def run_cli(main, parser):

@@ -6,8 +6,8 @@ training annotations; the best epoch is scored on the test split at the end.
 
     python train.py                                   # the book's recipe, on a GPU
     python train.py --resume                          # continue weights/<run>/last.pt
-    python train.py --height 120 --width 160 --epochs 12 --no-augment --lr-schedule scaled \
-        --run-name cpu-120x160                        # the CPU recipe: under 30 minutes on 2 cores
+    python train.py --height 96 --width 128 --epochs 20 --no-augment --lr-schedule scaled \
+        --run-name cpu-96x128                         # the CPU recipe: under 30 minutes on 2 cores
     torchrun --nproc_per_node=4 train.py --sync-bn    # several GPUs
 """
 import argparse
@@ -24,12 +24,12 @@ from torch import distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data_generator import build_loader, default_data_path, ensure_data, make_dataset
+from data_generator import AUGMENTATIONS, build_loader, default_data_path, ensure_data, make_dataset
 from evaluate import evaluate_checkpoint, evaluate_model, to_input, write_json
 from fcn import build_fcn
-from model_utils import (BASE_LR, TrainingError, amp_dtype, broadcast_buffers, init_distributed, load_checkpoint,
-                         lr_scheduler, make_grad_scaler, rng_state, run_cli, save_checkpoint, seed_everything, set_lr,
-                         set_rng_state)
+from model_utils import (BASE_LR, TrainingError, amp_dtype, broadcast_buffers, init_distributed, keep_freed_memory,
+                         load_checkpoint, lr_scheduler, make_grad_scaler, rng_state, run_cli, save_checkpoint,
+                         seed_everything, set_lr, set_rng_state)
 from resnet import L2_WEIGHT
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
@@ -204,7 +204,7 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.zeros(args.batch_size, args.height, args.width, dtype=torch.long)
     times = []
-    for _ in range(2):  # the first step pays for one-off allocations
+    for _ in range(3):  # the first two steps pay for one-off allocations (the heap grows to a step's peak)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(x), y)
@@ -212,7 +212,7 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - t)
-    per_image = times[-1] / args.batch_size
+    per_image = min(times[1:]) / args.batch_size
     # evaluation is a forward pass (about a third of a training step) plus native-size scoring
     return per_image * (n_train + n_val / 2) * args.epochs / 60
 
@@ -240,8 +240,10 @@ def get_args_parser():
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/<run-name>/last.pt if it exists")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training annotations held out")
-    p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="the book's plain pipeline: resize only, no flip, scale-crop or colour jitter")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="full",
+                   help="training augmentation: full (flip, scale-crop, colour jitter), flip (only), none (resize)")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                   help="same as --augment none: the book's plain pipeline, resize only")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast where supported, fp16 with loss scaling on older GPUs (--no-amp: float32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -264,6 +266,7 @@ def resolve_args(args):
 
 def main(args):
     """Train, validate every epoch, keep last.pt and best.pt, and score best.pt on the test split."""
+    keep_freed_memory()
     args = resolve_args(args)
     info, device = init_distributed(args.device)
     try:

@@ -1,5 +1,12 @@
 """benchmark.py runs and reports every field (its numbers are measurements, not asserted targets)."""
+import copy
+
+import torch
+from torch import nn
+
 import benchmark
+from fcn import build_fcn
+from resnet import ConvTranspose2d
 
 
 def test_benchmark_reports_every_field(drinks, capsys):
@@ -7,9 +14,21 @@ def test_benchmark_reports_every_field(drinks, capsys):
         "--height", "32", "--width", "48", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
         "--data-path", str(drinks), "--workers", "0", "--data-images", "4", "--json"])
     r = benchmark.main(args)
-    for key in ("train_img_s", "infer_img_s", "baseline_train_img_s", "baseline_infer_img_s", "gflops_per_img",
-                "mfu", "data_img_s", "peak_mem_mb"):
+    for key in ("train_img_s", "infer_img_s", "baseline_train_img_s", "baseline_infer_img_s", "fp32_train_img_s",
+                "fp32_infer_img_s", "gflops_per_img", "mfu", "data_img_s", "peak_mem_mb"):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
     # forward + backward costs about three forward passes
     assert 2.5 < r["train_gflops_per_img"] / r["gflops_per_img"] < 3.5
     assert '"train_img_s"' in capsys.readouterr().out
+
+
+def test_plain_port_is_the_same_network_with_stock_layers():
+    torch.manual_seed(0)
+    model = build_fcn(depth=11).eval()
+    x = torch.rand(1, 3, 32, 48)
+    plain = benchmark.plain_port(copy.deepcopy(model))
+    kinds = {type(m) for m in plain.modules()}
+    assert ConvTranspose2d not in kinds and nn.ConvTranspose2d in kinds
+    assert plain.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))

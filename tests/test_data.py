@@ -99,6 +99,27 @@ def test_flip_is_applied_to_both(test_ann):
     assert torch.equal(out_mask, mask.flip(-1)) and torch.equal(out_img, image.flip(-1))
 
 
+def test_flip_augmentation_only_mirrors_image_and_mask_together(test_ann):
+    mask = dg.tv_tensors.Mask(torch.from_numpy(test_ann.mask(0)))
+    image = dg.tv_tensors.Image(torch.from_numpy(np.asarray(dg.PALETTE, dtype=np.uint8)[mask.numpy()]).permute(2, 0, 1))
+    resize = dg.train_transform(120, 160, "none")
+    plain = resize(image, mask)
+    mirrored = resize(dg.tv_tensors.Image(image.flip(-1)), dg.tv_tensors.Mask(mask.flip(-1)))
+    assert plain[0].shape == (3, 120, 160) and plain[1].shape == (120, 160)
+    assert not torch.equal(plain[1], mirrored[1])
+    flip = dg.train_transform(120, 160, "flip")
+    flipped = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out_img, out_mask = flip(image, mask)
+        expected = mirrored if torch.equal(out_mask, mirrored[1]) else plain
+        assert torch.equal(out_img, expected[0]) and torch.equal(out_mask, expected[1])
+        flipped.append(expected is mirrored)
+    assert any(flipped) and not all(flipped)
+    with pytest.raises(ValueError, match="augment must be one of full, flip, none"):
+        dg.train_transform(120, 160, "crop")
+
+
 def test_validation_split_is_disjoint_and_reproducible(drinks):
     train, val = dg.split_indices(1000, 0.1, seed=0)
     assert len(val) == 100 and len(train) == 900

@@ -1,10 +1,18 @@
 """The FCN / ResNet-v2 model: the book's parameter counts, shapes at any size, Keras defaults."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 import fcn
 from fcn import build_fcn, count_parameters
-from resnet import BN_MOMENTUM, ResNetV2
+from resnet import BN_MOMENTUM, ConvTranspose2d, ResNetV2
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +132,47 @@ def test_summary_prints_shapes_and_counts(capsys):
     out = capsys.readouterr().out
     assert "15,236,964" in out and "16,544" in out
     assert "(1, 256, 24, 32)" in out and "(1, 4, 96, 128)" in out
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_transposed_conv_matches_the_stock_layer(dtype):
+    torch.manual_seed(0)
+    ours = ConvTranspose2d(8, 6, 3, 2, padding=1, output_padding=1)
+    nn.init.normal_(ours.bias)  # the zero init would hide a dropped bias
+    stock = nn.ConvTranspose2d(8, 6, 3, 2, padding=1, output_padding=1)
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 5, 7)
+    grads = []
+    for layer in (ours, stock):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            y = layer(x)
+        assert y.shape == (2, 6, 10, 14) and y.dtype == (dtype or torch.float32)
+        y.float().square().sum().backward()
+        grads.append((y, layer.weight.grad, layer.bias.grad))
+        with torch.no_grad():  # the fused-bias path
+            torch.testing.assert_close(layer(x), stock(x))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype else 1e-5, atol=0.1 if dtype else 1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings exist on Linux only")
+def test_keep_freed_memory_stops_page_faulting_freed_blocks():
+    # a fresh process, so the allocator's state is the one a script starts with
+    code = textwrap.dedent("""
+        import resource, torch
+        from model_utils import keep_freed_memory
+        def page_faults_of_a_200mb_tensor():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = torch.ones(50_000_000)  # written, so every page is touched
+            del t
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        default = min(page_faults_of_a_200mb_tensor() for _ in range(2))
+        applied = keep_freed_memory()
+        page_faults_of_a_200mb_tensor()  # the heap grows to hold it once
+        print(default, applied, min(page_faults_of_a_200mb_tensor() for _ in range(2)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    default, applied, kept = out.split()
+    assert applied == "True"
+    assert int(default) > 40_000  # glibc mmaps such a block and unmaps it on free: ~49,000 4 KiB pages each time
+    assert int(kept) < 2_000

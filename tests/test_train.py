@@ -148,3 +148,10 @@ def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, drinks
     assert single["n_images"] == 5
     for key in ("miou", "miou_per_image", "pixel_accuracy", "pixel_accuracy_per_image", "mean_class_accuracy"):
         assert reported[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+def test_train_flags_choose_the_augmentation():
+    parser = train.get_args_parser()
+    assert parser.parse_args([]).augment == "full"
+    assert parser.parse_args(["--augment", "flip"]).augment == "flip"
+    assert parser.parse_args(["--no-augment"]).augment == "none"
