@@ -196,7 +196,7 @@ def plot_curves(metrics_path, figure_path):
 
 
 def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
-    """Minutes the run should take on this CPU, from one timed training step on a throwaway copy."""
+    """Minutes the run should take on this CPU, from timed training steps on a throwaway copy."""
     model = copy.deepcopy(model)
     optimizer = build_optimizer(model, args.lr, args.l2)
     x = torch.rand(args.batch_size, 3, args.height, args.width)
