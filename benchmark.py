@@ -125,7 +125,7 @@ def measure_inference(args, device, fast, plain=False):
 
 def measure_data(args, workers):
     """Training data pipeline img/s (cached decode, rasterised masks, augmentation) with ``workers`` workers."""
-    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, augment=True, workers=workers)
+    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, "full", workers=workers)
     loader = build_loader(dataset, args.batch_size, True, workers)
     loader.sampler.set_epoch(0)
     batches = iter(loader)

@@ -299,11 +299,10 @@ def train_transform(height, width, augment="full"):
 
     - ``"full"``: horizontal flip, random scale-crop (40-100% of the area) and mild colour jitter;
     - ``"flip"``: horizontal flip only;
-    - ``"none"``: the book's plain pipeline, a resize. (True and False mean "full" and "none".)
+    - ``"none"``: the book's plain pipeline, a resize.
 
     Images stay uint8 (scaled on the device); masks are resized by nearest neighbour (tv_tensors.Mask).
     """
-    augment = {True: "full", False: "none"}.get(augment, augment)
     resize = v2.Resize((height, width), antialias=True)
     if augment == "none":
         return resize

@@ -162,7 +162,7 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
     device = get_device(device)
     model, ckpt = load_model(weights, device)
     cfg, train_args = ckpt["config"], ckpt.get("args", {})
-    dataset, class_names = make_dataset(data_path, split, cfg["height"], cfg["width"], augment=False,
+    dataset, class_names = make_dataset(data_path, split, cfg["height"], cfg["width"], augment="none",
                                         val_fraction=train_args.get("val_fraction", 0.1),
                                         seed=train_args.get("seed", 0), limit=limit, workers=workers)
     if list(class_names) != list(cfg["class_names"]):

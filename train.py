@@ -203,14 +203,11 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.zeros(args.batch_size, args.height, args.width, dtype=torch.long)
+    scaler = make_grad_scaler(torch.device("cpu"), dtype)
     times = []
     for _ in range(3):  # the first two steps pay for one-off allocations (the heap grows to a step's peak)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, F.cross_entropy, optimizer, scaler, x, y, dtype)  # not the run's criterion object
         times.append(time.perf_counter() - t)
     per_image = min(times[1:]) / args.batch_size
     # evaluation is a forward pass (about a third of a training step) plus native-size scoring

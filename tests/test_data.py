@@ -76,7 +76,7 @@ def test_figure_is_written(drinks, tmp_path, test_ann):
 def test_augmented_image_and_mask_stay_aligned(test_ann):
     """Paint each class in its palette colour, augment, and read the classes back from the colours."""
     palette = np.asarray(dg.PALETTE, dtype=np.uint8)
-    transform = dg.train_transform(240, 320, augment=True)
+    transform = dg.train_transform(240, 320, "full")
     torch.manual_seed(0)
     for i in range(12):
         mask = test_ann.mask(i)
@@ -148,7 +148,7 @@ def test_seeded_keys_make_augmentation_reproducible(drinks):
 
 
 def test_loader_batches_and_drops_the_last_partial_batch(drinks):
-    ds, _ = dg.make_dataset(drinks, "train", 60, 80, limit=10, augment=False)
+    ds, _ = dg.make_dataset(drinks, "train", 60, 80, limit=10, augment="none")
     loader = dg.build_loader(ds, 4, train=True, workers=0)
     batches = list(loader)
     assert len(batches) == 2 and batches[0][0].shape == (4, 3, 60, 80) and batches[0][1].shape == (4, 60, 80)
