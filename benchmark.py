@@ -1,7 +1,8 @@
 """Measure training and inference throughput of the FCN, its FLOPs and MFU, and the data pipeline's rate.
 
 Everything is measured in one process, after warm-up: the project's fast settings (bf16 autocast where the
-hardware has it, channels_last; for inference also BatchNorm folded into the convs and bf16 weights) against
+hardware has it, channels_last; for inference also BatchNorm folded into the convs, bf16 weights and, as with
+``evaluate.py --compile``, a frozen torch.compile graph; the eager fast path is reported beside it) against
 a plain port of the same network in float32 eager mode (stock PyTorch layers, glibc's default malloc), so the
 speed-ups are ratios taken side by side. A third measurement, the project's network and allocator setting in
 float32 eager mode (``fp32_*``), shows how much of the speed-up is not bf16. The peak of a large matrix
@@ -109,14 +110,13 @@ def measure_training(args, device, fast, plain=False):
 
 
 @torch.inference_mode()
-def measure_inference(args, device, fast, plain=False):
-    """Inference img/s: fast settings (BN folded, low-precision weights, channels_last), or float32 eager."""
+def measure_inference(args, device, fast, plain=False, frozen=False):
+    """Inference img/s: fast settings (BN folded, low-precision weights, channels_last; ``frozen``: compiled as
+    by ``evaluate.py --compile``), or float32 eager."""
     model = build_model(device, plain).eval()
     dtype = amp_dtype(device) if fast else None
     if fast:
-        model = inference_model(model, dtype, channels_last=True)
-        if args.compile:
-            model = torch.compile(model)
+        model = inference_model(model, dtype, channels_last=True, compile=frozen)
     images = torch.randint(0, 256, (args.batch_size, 3, args.height, args.width), dtype=torch.uint8)
     x = to_input(images, device, channels_last=fast, dtype=dtype)
     seconds = timed(lambda: model(x), args.steps, args.warmup, device)
@@ -154,7 +154,10 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast training step")
+    p.add_argument("--infer-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="infer_img_s through evaluate.py --compile's frozen graph (needs a C++ compiler on the "
+                        "CPU); --no-infer-compile: the eager fast path")
     p.add_argument("--data-path", default=default_data_path(), help="dataset for the data pipeline measurement")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers for the data measurement (default: train.py's default)")
@@ -171,6 +174,7 @@ def main(args):
     fwd_gflops, train_gflops = model_gflops(args.height, args.width)
     r = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
          "height": args.height, "width": args.width, "batch_size": args.batch_size, "compile": args.compile,
+         "infer_compile": args.infer_compile,
          "autocast": str(amp_dtype(device)),
          "gflops_per_img": round(fwd_gflops, 3), "train_gflops_per_img": round(train_gflops, 3)}
     r["peak_bf16_gflops"] = matmul_peak_gflops(device, torch.bfloat16)
@@ -183,9 +187,12 @@ def main(args):
     r["fp32_train_img_s"] = measure_training(args, device, fast=False)
     r["fp32_infer_img_s"] = measure_inference(args, device, fast=False)
     r["train_img_s"] = measure_training(args, device, fast=True)
-    r["infer_img_s"] = measure_inference(args, device, fast=True)
+    r["infer_eager_img_s"] = measure_inference(args, device, fast=True)
+    r["infer_img_s"] = (measure_inference(args, device, fast=True, frozen=True) if args.infer_compile
+                        else r["infer_eager_img_s"])
     r["train_speedup"] = r["train_img_s"] / r["baseline_train_img_s"]
     r["infer_speedup"] = r["infer_img_s"] / r["baseline_infer_img_s"]
+    r["infer_eager_speedup"] = r["infer_eager_img_s"] / r["baseline_infer_img_s"]
     r["train_gflop_s"] = r["train_img_s"] * train_gflops
     r["infer_gflop_s"] = r["infer_img_s"] * fwd_gflops
     r["mfu"] = r["train_gflop_s"] / r["peak_bf16_gflops"]
@@ -210,6 +217,9 @@ def main(args):
               f"{r[f'{kind}_img_s']:>8.2f}"
               f"{r[f'{kind}_speedup']:>9.2f}x{r[f'{kind}_gflop_s']:>10.0f}"
               f"{r['mfu' if kind == 'train' else 'infer_mfu']:>12.2f}")
+    if args.infer_compile:
+        print(f"{'infer img/s, eager (no compile)':<32}{r['infer_eager_img_s']:>8.2f}"
+              f"{r['infer_eager_speedup']:>9.2f}x")
     data = "not measured: " + r["data_note"] if r["data_img_s"] is None else f"{r['data_img_s']:.1f} img/s"
     print(f"data pipeline ({workers} workers): {data}; peak memory {r['peak_mem_mb']:.0f} MB")
     return r

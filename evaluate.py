@@ -6,6 +6,7 @@ definitions: the book's per-image mIoU and the standard dataset-level mIoU from 
     python evaluate.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt
     python evaluate.py --weights weights/RUN/best.pt --split val --json val.json --save-predictions preds/
     python evaluate.py --weights weights/RUN/best.pt --image-file photo.jpg more_photos/
+    python evaluate.py --weights weights/RUN/best.pt --split train --compile   # a frozen graph for large splits
 """
 import argparse
 import json
@@ -45,13 +46,15 @@ def upsample_argmax(logits, size):
 
 
 @torch.inference_mode()
-def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=False, keep_predictions=False):
-    """Score ``model`` on an evaluation loader at native label resolution.
+def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=False, keep_predictions=False,
+                   compile=False):
+    """Score ``model`` on an evaluation loader at native label resolution (``compile``: through a frozen graph,
+    see model_utils.FrozenInference).
 
     Returns (SegmentationMetrics, predictions): the predictions are uint8 (H, W) class maps in loader order
     when ``keep_predictions`` is set, else None. The metrics are not reduced across ranks.
     """
-    fast = inference_model(model, dtype, channels_last)  # BN folded, low-precision weights: a copy
+    fast = inference_model(model, dtype, channels_last, compile)  # BN folded, low-precision weights: a copy
     metrics = SegmentationMetrics(n_classes, device)
     predictions = [] if keep_predictions else None
     for images, masks in loader:
@@ -153,7 +156,7 @@ def load_model(weights, device):
 
 def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=2, device=None, amp=True,
                         channels_last=False, json_path=None, save_predictions=None, figures_dir=None, n_figures=6,
-                        n_worst=5, seed=0, limit=None, quiet=False):
+                        n_worst=5, seed=0, limit=None, quiet=False, compile=False):
     """Evaluate a checkpoint on a split; write the JSON, prediction PNGs and figures asked for.
 
     "train" and "val" are rebuilt with the validation fraction and seed the checkpoint was trained with.
@@ -170,7 +173,7 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
     loader = build_loader(dataset, batch_size, train=False, workers=workers)
     keep = bool(save_predictions or figures_dir)
     metrics_acc, predictions = evaluate_model(model, loader, device, cfg["n_classes"], amp_dtype(device, amp),
-                                              channels_last, keep_predictions=keep)
+                                              channels_last, keep_predictions=keep, compile=compile)
     metrics = {"split": split, "weights": str(weights), **metrics_acc.compute(class_names)}
     if not quiet:
         print(f"{weights} on {split} ({metrics['n_images']} images, native resolution):")
@@ -210,14 +213,14 @@ def image_files(paths):
 
 
 @torch.inference_mode()
-def segment_files(weights, paths, out_dir, device=None, amp=True):
+def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False):
     """Segment image files of any size: write ``<name>-mask.png`` and ``<name>-overlay.png`` to ``out_dir``."""
     from torchvision.transforms.v2 import functional as TF
 
     device = get_device(device)
     model, ckpt = load_model(weights, device)
     cfg, dtype = ckpt["config"], amp_dtype(device, amp)
-    fast = inference_model(model, dtype)
+    fast = inference_model(model, dtype, compile=compile)
     written = []
     for path in image_files(paths):
         image = read_image(path)  # (H, W, 3) uint8
@@ -257,6 +260,9 @@ def get_args_parser():
                         help="bf16 autocast where supported (--no-amp: float32)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels_last memory format (faster convolutions on CPU and GPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="run a frozen torch.compile graph: about 10%% faster on the CPU after a compile of "
+                             "5-10 s, so worth it for large splits and folders of images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images in samples.png")
     return parser
 
@@ -267,11 +273,11 @@ def main(args):
     run = Path(args.weights).resolve().parent.name
     if args.image_file:
         return segment_files(args.weights, args.image_file, args.output_dir or Path("figures") / run / "predictions",
-                             args.device, args.amp)
+                             args.device, args.amp, args.compile)
     figures_dir = (args.figures_dir or Path("figures") / run) if args.figures > 0 else None
     return evaluate_checkpoint(args.weights, args.data_path, args.split, args.batch_size, args.workers, args.device,
                                args.amp, args.channels_last, args.json, args.save_predictions, figures_dir,
-                               args.figures, seed=args.seed, limit=args.limit)
+                               args.figures, seed=args.seed, limit=args.limit, compile=args.compile)
 
 
 if __name__ == "__main__":

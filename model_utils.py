@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import distributed as dist
+from torch import nn
 
 from data_generator import DataError
 from fcn import build_fcn
@@ -199,9 +200,10 @@ def make_grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def inference_model(model, dtype=None, channels_last=True):
+def inference_model(model, dtype=None, channels_last=True, compile=False):
     """A copy of ``model`` made fast for inference: eval mode, BatchNorm folded into the preceding convs,
-    weights cast to ``dtype`` (bf16/fp16, so no per-call autocast casts) and channels_last layout.
+    weights cast to ``dtype`` (bf16/fp16, so no per-call autocast casts) and channels_last layout;
+    ``compile`` wraps it in a ``FrozenInference`` graph.
 
     Feed it inputs of the same dtype and layout (see evaluate.to_input); the original model is untouched.
     """
@@ -211,7 +213,25 @@ def inference_model(model, dtype=None, channels_last=True):
         fast = fast.to(dtype)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    return fast
+    return FrozenInference(fast) if compile else fast
+
+
+class FrozenInference(nn.Module):
+    """``module`` compiled by torch.compile with inductor's freezing, for inference under ``torch.inference_mode``.
+
+    Freezing turns the weights into constants, so each conv gets prepacked oneDNN weights on the CPU and the
+    ReLU or residual add after it runs inside the conv. The first call compiles (seconds; a C++ compiler is
+    needed on the CPU). The weights must stay as they are after that call: the graph is built around them.
+    """
+
+    def __init__(self, module):
+        super().__init__()
+        self.compiled = torch.compile(module)
+
+    def forward(self, x):
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # one graph for every batch size, a short last batch included
+        with torch._inductor.config.patch(freezing=True):  # read when the graph compiles, so set at every call
+            return self.compiled(x)
 
 
 @dataclass

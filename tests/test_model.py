@@ -10,6 +10,7 @@ from torch import nn
 
 import fcn
 from fcn import build_fcn, count_parameters
+from model_utils import inference_model
 from resnet import BN_MOMENTUM, ConvTranspose2d, ResNetV2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +177,21 @@ def test_keep_freed_memory_stops_page_faulting_freed_blocks():
     assert applied == "True"
     assert int(default) > 40_000  # glibc mmaps such a block and unmaps it on free: ~49,000 4 KiB pages each time
     assert int(kept) < 2_000
+
+
+def test_frozen_inference_fuses_convs_and_matches_eager_for_any_batch_size():
+    torch.manual_seed(0)
+    m = build_fcn(depth=11).train()
+    for _ in range(3):  # give BN non-trivial running statistics
+        m(torch.rand(2, 3, 64, 64))
+    m.eval()
+    frozen = inference_model(m, channels_last=True, compile=True)
+    with torch.inference_mode():
+        for batch in (2, 3):  # a short last batch runs through the same graph
+            x = torch.rand(batch, 3, 64, 96)
+            torch.testing.assert_close(frozen(x.contiguous(memory_format=torch.channels_last)), m(x),
+                                       rtol=1e-4, atol=1e-4)
+        with torch.profiler.profile() as prof:
+            frozen(x.contiguous(memory_format=torch.channels_last))
+    # freezing took effect: the convs run as oneDNN convs with their ReLU / residual add fused in
+    assert "mkldnn::_convolution_pointwise" in {e.key for e in prof.key_averages()}

@@ -71,6 +71,13 @@ def test_tiny_run_resume_and_evaluate(tmp_path, drinks):
     assert reported["pixel_accuracy"] == pytest.approx(tp.sum() / conf.sum(), abs=1e-12)
     assert reported["n_images"] == 51
 
+    # the frozen graph of --compile scores as the eager model does (both bf16 on this CPU)
+    evaluate.main(evaluate.get_args_parser().parse_args([
+        "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--json", str(tmp_path / "c.json"),
+        "--figures", "0", "--workers", "0", "--compile"]))
+    compiled = json.loads((tmp_path / "c.json").read_text())
+    assert compiled["n_images"] == 51 and compiled["miou"] == pytest.approx(reported["miou"], abs=0.01)
+
     out = tmp_path / "files"
     evaluate.main(evaluate.get_args_parser().parse_args([
         "--weights", str(run / "best.pt"), "--image-file", str(drinks / "0010000.jpg"), "--output-dir", str(out)]))
