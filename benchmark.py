@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from data_generator import DataError, build_loader, default_data_path, make_dataset
 from evaluate import to_input
 from fcn import build_fcn
-from model_utils import (amp_dtype, get_device, inference_model, keep_freed_memory, make_grad_scaler, run_cli,
-                         seed_everything)
-from resnet import ConvTranspose2d
+from model_utils import (BASE_LR, amp_dtype, get_device, inference_model, keep_freed_memory, make_grad_scaler,
+                         run_cli, seed_everything)
+from resnet import L2_WEIGHT, ConvTranspose2d
 from train import build_criterion, build_optimizer, train_step
 from train import get_args_parser as train_parser
 
@@ -98,7 +98,7 @@ def measure_training(args, device, fast, plain=False):
     if fast:
         model = model.to(memory_format=torch.channels_last)
     y = torch.randint(0, 4, (args.batch_size, args.height, args.width), device=device)
-    optimizer = build_optimizer(model, 1e-3, 1e-4)
+    optimizer = build_optimizer(model, BASE_LR, L2_WEIGHT)
     scaler = make_grad_scaler(device, dtype)
     run, criterion = (torch.compile(model) if fast and args.compile else model), build_criterion()
 

@@ -115,12 +115,17 @@ def test_l2_parameters_are_the_resnet_conv_kernels_only(model):
     assert all(p.dim() == 4 for p in model.l2_parameters())
 
 
-def test_fused_batchnorm_gives_the_same_output():
+def _with_bn_statistics(depth):
+    """A seeded FCN of ``depth`` in eval mode whose BatchNorms have non-trivial running statistics."""
     torch.manual_seed(0)
-    m = build_fcn(depth=20).train()
-    for _ in range(3):  # give BN non-trivial running statistics
+    m = build_fcn(depth=depth).train()
+    for _ in range(3):
         m(torch.rand(2, 3, 64, 64))
-    m.eval()
+    return m.eval()
+
+
+def test_fused_batchnorm_gives_the_same_output():
+    m = _with_bn_statistics(20)
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         ref = m(x)
@@ -180,11 +185,7 @@ def test_keep_freed_memory_stops_page_faulting_freed_blocks():
 
 
 def test_frozen_inference_fuses_convs_and_matches_eager_for_any_batch_size():
-    torch.manual_seed(0)
-    m = build_fcn(depth=11).train()
-    for _ in range(3):  # give BN non-trivial running statistics
-        m(torch.rand(2, 3, 64, 64))
-    m.eval()
+    m = _with_bn_statistics(11)
     frozen = inference_model(m, channels_last=True, compile=True)
     with torch.inference_mode():
         for batch in (2, 3):  # a short last batch runs through the same graph
