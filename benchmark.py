@@ -6,7 +6,9 @@ hardware has it, channels_last; for inference also BatchNorm folded into the con
 a plain port of the same network in float32 eager mode (stock PyTorch layers, glibc's default malloc), so the
 speed-ups are ratios taken side by side. A third measurement, the project's network and allocator setting in
 float32 eager mode (``fp32_*``), shows how much of the speed-up is not bf16. The peak of a large matrix
-multiply, measured in the same process, gives the model FLOP utilisation (MFU).
+multiply, measured in the same process, gives the model FLOP utilisation (MFU). On the CPU the model exported
+by export.py (float32, BatchNorm folded) is timed under onnxruntime too (``onnx_infer_img_s``), at the same size
+and batch.
 
     python benchmark.py --height 240 --width 320 --batch-size 4 --steps 3 --device cpu --json
     python benchmark.py --height 480 --width 640 --batch-size 16 --steps 20 --device cuda --compile
@@ -14,7 +16,9 @@ multiply, measured in the same process, gives the model FLOP utilisation (MFU).
 import argparse
 import json
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +30,7 @@ from evaluate import to_input
 from fcn import build_fcn
 from model_utils import (BASE_LR, amp_dtype, get_device, inference_model, keep_freed_memory, make_grad_scaler,
                          run_cli, seed_everything)
+from onnx_model import OnnxModel, export_onnx
 from resnet import L2_WEIGHT, ConvTranspose2d
 from train import build_criterion, build_optimizer, train_step
 from train import get_args_parser as train_parser
@@ -123,6 +128,19 @@ def measure_inference(args, device, fast, plain=False, frozen=False):
     return args.batch_size / seconds
 
 
+@torch.inference_mode()
+def measure_onnx(args):
+    """onnxruntime CPU inference img/s of the model as export.py writes it (float32, BatchNorm folded)."""
+    model = build_model(torch.device("cpu"), plain=False).eval()
+    config = {"n_classes": 4, "depth": 56, "n_layers": 4, "height": args.height, "width": args.width,
+              "class_names": ["0", "1", "2", "3"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        session = OnnxModel(export_onnx(model, config, Path(tmp) / "model.onnx"))
+    images = torch.rand(args.batch_size, 3, args.height, args.width).numpy()
+    seconds = timed(lambda: session.run(images), args.steps, args.warmup, torch.device("cpu"))
+    return args.batch_size / seconds
+
+
 def measure_data(args, workers):
     """Training data pipeline img/s (cached decode, rasterised masks, augmentation) with ``workers`` workers."""
     dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, "full", workers=workers)
@@ -158,6 +176,8 @@ def get_args_parser():
     p.add_argument("--infer-compile", action=argparse.BooleanOptionalAction, default=True,
                    help="infer_img_s through evaluate.py --compile's frozen graph (needs a C++ compiler on the "
                         "CPU); --no-infer-compile: the eager fast path")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the ONNX export under onnxruntime (CPU only)")
     p.add_argument("--data-path", default=default_data_path(), help="dataset for the data pipeline measurement")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers for the data measurement (default: train.py's default)")
@@ -190,6 +210,7 @@ def main(args):
     r["infer_eager_img_s"] = measure_inference(args, device, fast=True)
     r["infer_img_s"] = (measure_inference(args, device, fast=True, frozen=True) if args.infer_compile
                         else r["infer_eager_img_s"])
+    r["onnx_infer_img_s"] = measure_onnx(args) if args.onnx and device.type == "cpu" else None
     r["train_speedup"] = r["train_img_s"] / r["baseline_train_img_s"]
     r["infer_speedup"] = r["infer_img_s"] / r["baseline_infer_img_s"]
     r["infer_eager_speedup"] = r["infer_eager_img_s"] / r["baseline_infer_img_s"]
@@ -220,6 +241,9 @@ def main(args):
     if args.infer_compile:
         print(f"{'infer img/s, eager (no compile)':<32}{r['infer_eager_img_s']:>8.2f}"
               f"{r['infer_eager_speedup']:>9.2f}x")
+    if r["onnx_infer_img_s"] is not None:
+        print(f"{'infer img/s, onnxruntime fp32':<32}{r['onnx_infer_img_s']:>8.2f}"
+              f"{r['onnx_infer_img_s'] / r['baseline_infer_img_s']:>9.2f}x")
     data = "not measured: " + r["data_note"] if r["data_img_s"] is None else f"{r['data_img_s']:.1f} img/s"
     print(f"data pipeline ({workers} workers): {data}; peak memory {r['peak_mem_mb']:.0f} MB")
     return r

@@ -7,6 +7,7 @@ definitions: the book's per-image mIoU and the standard dataset-level mIoU from 
     python evaluate.py --weights weights/RUN/best.pt --split val --json val.json --save-predictions preds/
     python evaluate.py --weights weights/RUN/best.pt --image-file photo.jpg more_photos/
     python evaluate.py --weights weights/RUN/best.pt --split train --compile   # a frozen graph for large splits
+    python evaluate.py --weights model.onnx        # a file from export.py, run by onnxruntime, same outputs
 """
 import argparse
 import json
@@ -20,8 +21,9 @@ from torch.nn import functional as F
 
 from data_generator import (DataError, PALETTE, build_loader, default_data_path, make_dataset, overlay,
                             read_image, save_figure)
-from model_utils import (SegmentationMetrics, amp_dtype, format_metrics_table, get_device, inference_model,
-                         keep_freed_memory, load_checkpoint, model_from_checkpoint, run_cli)
+from model_utils import (CheckpointError, SegmentationMetrics, amp_dtype, format_metrics_table, get_device,
+                         inference_model, keep_freed_memory, load_checkpoint, model_from_checkpoint, run_cli)
+from onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -45,16 +47,28 @@ def upsample_argmax(logits, size):
     return logits.argmax(1)  # (B, H, W)
 
 
+def predictor(model, dtype=None, channels_last=False, compile=False):
+    """The fast inference form of ``model`` (see model_utils.inference_model); an exported model already is one."""
+    if isinstance(model, OnnxModel):
+        return model
+    return inference_model(model, dtype, channels_last, compile)
+
+
+def input_dtype(model, device, amp=True):
+    """The dtype ``model``'s inputs are cast to: the autocast dtype, float32 (None) for an exported model."""
+    return None if isinstance(model, OnnxModel) else amp_dtype(device, amp)
+
+
 @torch.inference_mode()
 def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=False, keep_predictions=False,
                    compile=False):
-    """Score ``model`` on an evaluation loader at native label resolution (``compile``: through a frozen graph,
-    see model_utils.FrozenInference).
+    """Score ``model`` (a PyTorch model, or an OnnxModel) on an evaluation loader at native label resolution
+    (``compile``: through a frozen graph, see model_utils.FrozenInference).
 
     Returns (SegmentationMetrics, predictions): the predictions are uint8 (H, W) class maps in loader order
     when ``keep_predictions`` is set, else None. The metrics are not reduced across ranks.
     """
-    fast = inference_model(model, dtype, channels_last, compile)  # BN folded, low-precision weights: a copy
+    fast = predictor(model, dtype, channels_last, compile)  # BN folded, low-precision weights: a copy
     metrics = SegmentationMetrics(n_classes, device)
     predictions = [] if keep_predictions else None
     for images, masks in loader:
@@ -148,7 +162,14 @@ def save_confusion_figure(confusion, class_names, path, title):
 # --------------------------------------------------------------------------------------------------- entry points
 
 def load_model(weights, device):
-    """(model in eval mode on ``device``, checkpoint) from a checkpoint path."""
+    """(model in eval mode on ``device``, checkpoint) from a checkpoint path.
+
+    A ``.onnx`` file from export.py gives an OnnxModel (run by onnxruntime on the CPU) and a checkpoint-like
+    dict of its metadata: the config, and the split's validation fraction and seed as ``args``.
+    """
+    if Path(weights).suffix.lower() == ".onnx":
+        model = OnnxModel(weights)
+        return model, {"config": model.config, "args": model.train_split}
     ckpt = load_checkpoint(weights)
     model = model_from_checkpoint(ckpt, weights).to(device).eval()
     return model, ckpt
@@ -172,8 +193,9 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
         raise DataError(f"{data_path}: classes {class_names} differ from the checkpoint's {cfg['class_names']}")
     loader = build_loader(dataset, batch_size, train=False, workers=workers)
     keep = bool(save_predictions or figures_dir)
-    metrics_acc, predictions = evaluate_model(model, loader, device, cfg["n_classes"], amp_dtype(device, amp),
-                                              channels_last, keep_predictions=keep, compile=compile)
+    metrics_acc, predictions = evaluate_model(model, loader, device, cfg["n_classes"],
+                                              input_dtype(model, device, amp), channels_last,
+                                              keep_predictions=keep, compile=compile)
     metrics = {"split": split, "weights": str(weights), **metrics_acc.compute(class_names)}
     if not quiet:
         print(f"{weights} on {split} ({metrics['n_images']} images, native resolution):")
@@ -219,8 +241,8 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False)
 
     device = get_device(device)
     model, ckpt = load_model(weights, device)
-    cfg, dtype = ckpt["config"], amp_dtype(device, amp)
-    fast = inference_model(model, dtype, compile=compile)
+    cfg, dtype = ckpt["config"], input_dtype(model, device, amp)
+    fast = predictor(model, dtype, True, compile)
     written = []
     for path in image_files(paths):
         image = read_image(path)  # (H, W, 3) uint8
@@ -238,7 +260,8 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False)
 def get_args_parser():
     """Flags of evaluate.py."""
     parser = argparse.ArgumentParser(description="Evaluate an FCN checkpoint on the drinks dataset.")
-    parser.add_argument("--weights", required=True, help="checkpoint, e.g. weights/<run>/best.pt")
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint, e.g. weights/<run>/best.pt, or a .onnx file from export.py (onnxruntime)")
     parser.add_argument("--data-path", default=default_data_path(),
                         help="dataset folder (default: $DRINKS_DATA or dataset/drinks)")
     parser.add_argument("--split", default="test", choices=["test", "train", "val"],
@@ -270,6 +293,8 @@ def get_args_parser():
 def main(args):
     """Evaluate a checkpoint on a split, or segment the files given with --image-file."""
     keep_freed_memory()
+    if args.compile and Path(args.weights).suffix.lower() == ".onnx":
+        raise CheckpointError(f"{args.weights}: --compile applies to PyTorch checkpoints, not to ONNX models")
     run = Path(args.weights).resolve().parent.name
     if args.image_file:
         return segment_files(args.weights, args.image_file, args.output_dir or Path("figures") / run / "predictions",

@@ -28,7 +28,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, say); the message says why and what was kept."""
 
 
-USER_ERRORS = (DataError, CheckpointError, TrainingError)
+class ExportError(RuntimeError):
+    """An export that cannot be written or does not match the model; the message names the file."""
+
+
+USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError)
 
 
 def keep_freed_memory():

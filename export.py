@@ -1,0 +1,106 @@
+"""Export a trained checkpoint to ONNX and check the file against PyTorch on real test images.
+
+The file holds the inference form of the model (eval mode, BatchNorm folded, float32) with dynamic batch,
+height and width; input ``images`` (B, 3, H, W) float32 in [0, 1], outputs ``logits`` and ``labels`` (the
+argmax class map); the class names and training input size are in its metadata (see onnx_model.py).
+After export, onnxruntime runs it on a few test images at the training size and its logits are compared
+with the PyTorch float32 model's; below ``--min-agreement`` of pixels with the same argmax, nothing is written.
+
+    python export.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt --output model.onnx
+    python evaluate.py --weights model.onnx                       # score it with the same metrics
+"""
+import argparse
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from data_generator import build_loader, default_data_path, make_dataset
+from evaluate import to_input
+from model_utils import ExportError, load_checkpoint, model_from_checkpoint, run_cli
+from onnx_model import OPSET, OnnxModel, export_onnx
+
+
+@torch.inference_mode()
+def compare(model, onnx_model, images):
+    """(largest absolute logit difference, share of pixels with the same argmax) of onnxruntime against the
+    PyTorch ``model`` in float32 on ``images``, a float32 (B, 3, H, W) batch."""
+    reference = model(images)  # (B, C, H, W)
+    exported = onnx_model(images)
+    agreement = (reference.argmax(1) == exported.argmax(1)).double().mean().item()
+    return (reference - exported).abs().max().item(), agreement
+
+
+def check_images(data_path, config, n, workers=0):
+    """The first ``n`` test images, resized to the model's input size: a float32 (n, 3, H, W) batch."""
+    dataset, _ = make_dataset(data_path, "test", config["height"], config["width"], augment="none", limit=n,
+                              workers=workers)
+    images, _ = next(iter(build_loader(dataset, n, train=False, workers=0, pin_memory=False)))
+    return to_input(images, torch.device("cpu"))
+
+
+def remove_quietly(path):
+    """Delete ``path`` if it is there (a temporary file; a path that cannot exist is no error)."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def write_onnx(model, ckpt, weights, output, opset=OPSET):
+    """Export to a temporary name beside ``output`` (which is left untouched on failure); returns that name."""
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    train_args = ckpt.get("args", {})
+    split = {"val_fraction": train_args.get("val_fraction", 0.1), "seed": train_args.get("seed", 0)}
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, ckpt["config"], tmp, split, source=Path(weights).name, opset=opset)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise ExportError(f"{output}: cannot write the ONNX file ({e.strerror or e})") from None
+    return tmp
+
+
+def get_args_parser():
+    """Flags of export.py."""
+    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX and check it against PyTorch.")
+    p.add_argument("--weights", required=True, help="checkpoint to export, e.g. weights/<run>/best.pt")
+    p.add_argument("--output", default=None, help="ONNX file to write (default: the checkpoint's name with .onnx)")
+    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    p.add_argument("--data-path", default=default_data_path(),
+                   help="dataset whose test images check the export (default: $DRINKS_DATA or dataset/drinks)")
+    p.add_argument("--check-images", type=int, default=4,
+                   help="test images to compare onnxruntime with PyTorch on (0: no check, no dataset needed)")
+    p.add_argument("--min-agreement", type=float, default=0.999,
+                   help="least share of pixels whose argmax must agree with PyTorch float32")
+    return p
+
+
+def main(args):
+    """Export, check against PyTorch, then move the file into place. Returns the check's numbers."""
+    output = Path(args.output or Path(args.weights).with_suffix(".onnx"))
+    print(f"exporting {args.weights} -> {output} (opset {args.opset}, TorchScript exporter, torch {torch.__version__})")
+    ckpt = load_checkpoint(args.weights)
+    model = model_from_checkpoint(ckpt, args.weights).eval()
+    tmp = write_onnx(model, ckpt, args.weights, output, args.opset)
+    try:
+        result = {"output": str(output), "max_abs_logit_diff": None, "argmax_agreement": None}
+        if args.check_images > 0:
+            images = check_images(args.data_path, ckpt["config"], args.check_images)
+            diff, agreement = compare(model, OnnxModel(tmp), images)
+            result.update(max_abs_logit_diff=diff, argmax_agreement=agreement)
+            print(f"onnxruntime vs PyTorch float32 on {images.shape[0]} test images at "
+                  f"{images.shape[2]}x{images.shape[3]}: largest logit difference {diff:.2e}, "
+                  f"argmax agreement {agreement:.4%}")
+            if agreement < args.min_agreement:
+                raise ExportError(f"{output}: onnxruntime agrees with PyTorch on only {agreement:.4%} of pixels "
+                                  f"(< {args.min_agreement:.4%}); nothing written")
+        os.replace(tmp, output)
+    finally:
+        remove_quietly(tmp)
+    print(f"wrote {output} ({output.stat().st_size / 2 ** 20:.1f} MiB)")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
