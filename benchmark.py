@@ -225,6 +225,7 @@ def main(args):
         r["data_img_s"], r["data_note"] = None, str(e)
     r["data_workers"] = workers
     r["peak_mem_mb"] = peak_memory_mb(device)
+    r["peak_mem_source"] = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss"
     r = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
     if args.json:
         print(json.dumps(r))

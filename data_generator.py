@@ -4,23 +4,20 @@ Reads ``segmentation_train.json`` / ``segmentation_test.json`` (VGG Image Annota
 folder, rasterises each region into an (H, W) class map (0 background, 1 Water, 2 Soda, 3 Juice) once, and
 serves images with joint image/mask transforms. The data folder is only ever read.
 
-Print a summary of a split (image count, images with no object, pixels per class):
+Check a split, the first thing to run on new data: every image is decoded and every region filled, and every
+broken file, entry or region is listed at once (then exit status 1). Then a summary of the split is printed
+(image count, images with no object, pixels per class):
 
     python data_generator.py --data-path ../shared/datasets/drinks --split test
     python data_generator.py --split train --json
     python data_generator.py --split test --figure figures/test_annotations.png
-    python data_generator.py --download            # fetch the dataset into dataset/drinks
+    python data_generator.py --download            # fetch the dataset into dataset/drinks (see download.py)
 """
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import sys
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,15 +31,12 @@ from torchvision.transforms import v2
 DEFAULT_DATA_PATH = "dataset/drinks"
 DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")
 ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}
-# Background black, as in the book's figures; then one clear colour per drink.
 AUGMENTATIONS = ("full", "flip", "none")  # see train_transform
-PALETTE = ((0, 0, 0), (30, 144, 255), (220, 20, 60), (255, 165, 0))
-# A public copy of the archive (Google Drive, shared by a course that uses the book). DRINKS_URL overrides it.
-DEFAULT_URL = "https://drive.usercontent.google.com/download?id=1AdMbVK110IKLG7wJKhga2N2fitV1bVPA&export=download&confirm=t"
-JSON_SHA256 = {
-    "segmentation_train.json": "924f6aff8c8519b044bc677f14aeae6cefb82d3ba49474a5e60e7e6cda35f7b5",
-    "segmentation_test.json": "60d6ac0760b5d6d32ec51044d7add99fd99047e8ca377bef02d7cb30c05a0017",
-}
+# Background black, as in the book's figures; then one clear colour per drink, then more for datasets with
+# more classes (the figures' legends need one per class).
+PALETTE = ((0, 0, 0), (30, 144, 255), (220, 20, 60), (255, 165, 0), (50, 205, 50), (148, 0, 211), (0, 206, 209),
+           (255, 105, 180), (139, 69, 19), (255, 255, 0), (128, 128, 128), (0, 0, 139), (0, 100, 0), (255, 127, 80),
+           (75, 0, 130), (189, 183, 107))
 
 
 class DataError(ValueError):
@@ -87,11 +81,12 @@ def _class_attribute(via, path):
     return key, ["background"] + [str(options[str(i)]) for i in ids]
 
 
-def read_via(path):
+def read_via(path, problems=None):
     """Parse a VIA 2 project or annotation export.
 
     Returns ``(class_names, entries)`` where entries is a list of ``(filename, regions)`` in file order, each
-    region a ``(shape_attributes, class_id)`` pair. Raises DataError naming the file and entry on bad input.
+    region a ``(shape_attributes, class_id)`` pair. Raises DataError naming the file and entry on bad input;
+    with a ``problems`` list, a bad entry or region is appended to it as a message and left out instead.
     """
     via = _read_json(path)
     if not isinstance(via, dict):
@@ -102,25 +97,41 @@ def read_via(path):
     for entry_key, item in metadata.items():
         if entry_key.startswith("_via_"):
             continue
-        if not isinstance(item, dict) or "filename" not in item:
-            raise DataError(f"{path}: entry {entry_key!r} has no 'filename'")
-        regions = []
-        for i, region in enumerate(item.get("regions") or []):
-            where = f"{path}: entry {item['filename']!r} region {i}"
-            label = (region.get("region_attributes") or {}).get(key)
-            try:
-                class_id = int(label)
-            except (TypeError, ValueError):
-                class_id = -1
-            if not 1 <= class_id < len(class_names):
-                raise DataError(f"{where}: unknown class {label!r} (expected one of 1..{len(class_names) - 1})")
-            shape = region.get("shape_attributes") or {}
-            _check_shape(shape, where)
-            regions.append((shape, class_id))
-        entries.append((item["filename"], regions))
-    if not entries:
+        try:
+            if not isinstance(item, dict) or "filename" not in item:
+                raise DataError(f"{path}: entry {entry_key!r} has no 'filename'")
+            regions = [_read_region(region, key, class_names, f"{path}: entry {item['filename']!r} region {i}",
+                                    problems) for i, region in enumerate(item.get("regions") or [])]
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
+        entries.append((item["filename"], [r for r in regions if r is not None]))
+    if not entries and not problems:
         raise DataError(f"{path}: no annotated images in the file")
     return class_names, entries
+
+
+def _read_region(region, key, class_names, where, problems=None):
+    """``(shape_attributes, class_id)`` of one VIA region; a bad one raises, or with ``problems`` is noted there
+    and gives None."""
+    try:
+        label = (region.get("region_attributes") or {}).get(key) if isinstance(region, dict) else None
+        try:
+            class_id = int(label)
+        except (TypeError, ValueError):
+            class_id = -1
+        if not 1 <= class_id < len(class_names):
+            raise DataError(f"{where}: unknown class {label!r} (expected one of 1..{len(class_names) - 1})")
+        shape = region.get("shape_attributes") or {}
+        _check_shape(shape, where)
+    except DataError as e:
+        if problems is None:
+            raise
+        problems.append(str(e))
+        return None
+    return shape, class_id
 
 
 RASTERISED_SHAPES = ("polygon", "rect", "circle", "ellipse")
@@ -448,86 +459,47 @@ def make_dataset(data_path, split, height, width, augment="full", val_fraction=0
     return SegmentationDataset(ann, transform, cache_images, workers), ann.class_names
 
 
-# --------------------------------------------------------------------------------------------------- download
+# --------------------------------------------------------------------------------------------------- check
 
-def sha256_file(path):
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fetch(url, dest):
-    """Download ``url`` to ``dest`` with a progress bar, via a temporary name."""
-    from tqdm import tqdm
-
-    tmp = dest.with_name(dest.name + ".part")
+def _check_entry(root, json_path, name, regions):
+    """Decode one listed image and fill each of its regions: (class map, or None if the image is broken; problems)."""
+    path = root / name
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)}). Offline? Get drinks.tar.gz by hand "
-                        f"(dataset/README.md says where), then run: tar -xzf drinks.tar.gz -C {dest.parent}") from None
-    tmp.replace(dest)
-
-
-def _extract_verified(archive, target, checksums):
-    """Extract ``archive`` safely, check the JSON checksums, then move its ``drinks/`` folder to ``target``."""
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".extract-") as tmp:
+        image = read_image(path, f"{json_path}: entry {name!r}: {path}")
+    except DataError as e:
+        return None, [str(e)]
+    height, width = image.shape[:2]
+    mask, problems = np.zeros((height, width), dtype=np.uint8), []
+    for i, (shape, class_id) in enumerate(regions):
         try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")  # refuses members that escape tmp, links outside, devices
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"{archive}: cannot extract archive safely ({e})") from None
-        found = [p.parent for p in Path(tmp).rglob(ANNOTATION_FILES["train"])]
-        if not found:
-            raise DataError(f"{archive}: no {ANNOTATION_FILES['train']} in the archive")
-        folder = found[0]
-        for name, expected in checksums.items():
-            if not (folder / name).is_file():
-                raise DataError(f"{archive}: {name} is missing from the archive")
-            actual = sha256_file(folder / name)
-            if actual != expected:
-                raise DataError(f"{archive}: {name} has SHA-256 {actual}, expected {expected}")
-        folder.rename(target)
+            rows, cols = _shape_pixels(shape, height, width)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"{json_path}: entry {name!r} region {i}: cannot fill its {shape.get('name')} "
+                            f"({type(e).__name__}: {e})")
+            continue
+        mask[rows, cols] = class_id
+    return mask, problems
 
 
-def download_drinks(target=DEFAULT_DATA_PATH, url=None, checksums=None):
-    """Download and extract the drinks archive so that ``target`` holds the dataset; returns ``target``.
+def check_split(data_path, split, workers=8):
+    """Read everything a split lists, as a user's first check of their data: every entry and region of the JSON,
+    every image decoded in full (``workers`` threads), every region filled.
 
-    The archive's two JSON files must match ``checksums`` (default: the published SHA-256s). Nothing is left
-    half-written: the archive is downloaded to a temporary name and extracted beside the target first.
+    Returns (Annotations of the sound entries, with their class maps; problems: one message per broken file,
+    entry or region, all of them). A JSON file that cannot be read at all raises DataError.
     """
-    target = Path(target)
-    if (target / ANNOTATION_FILES["train"]).is_file():
-        return target
-    if target.exists() and any(target.iterdir()):
-        raise DataError(f"{target}: folder exists but has no {ANNOTATION_FILES['train']}; move it away first")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    url = url or os.environ.get("DRINKS_URL") or DEFAULT_URL
-    archive = target.parent / "drinks.tar.gz"
-    if not archive.is_file():
-        _fetch(url, archive)
-    if target.exists():
-        target.rmdir()
-    _extract_verified(archive, target, JSON_SHA256 if checksums is None else checksums)
-    return target
-
-
-def ensure_data(data_path, url=None):
-    """Return ``data_path``; download the dataset first if it is the default location and missing."""
-    path = Path(data_path)
-    if not path.exists() and path == Path(DEFAULT_DATA_PATH):
-        print(f"{path} not found: downloading the drinks dataset")
-        download_drinks(path, url)
-    return path
+    root = Path(data_path)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found (set --data-path or DRINKS_DATA, "
+                        f"or run: python data_generator.py --download)")
+    json_path = root / ANNOTATION_FILES[split]
+    problems = []
+    class_names, entries = read_via(json_path, problems)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(lambda entry: _check_entry(root, json_path, *entry), entries))
+    sound = [(name, mask) for (name, _), (mask, _) in zip(entries, results) if mask is not None]
+    problems += [p for _, entry_problems in results for p in entry_problems]
+    return Annotations(root, [n for n, _ in sound], class_names, masks=[m for _, m in sound]), problems
 
 
 # --------------------------------------------------------------------------------------------------- summary
@@ -588,25 +560,45 @@ def save_figure(fig, path, dpi=80):
 
 def get_args_parser():
     """Flags of the dataset summary / download command."""
-    parser = argparse.ArgumentParser(description="Summarise (or download) the drinks segmentation dataset.")
+    parser = argparse.ArgumentParser(description="Check and summarise (or download) the drinks segmentation dataset.")
     parser.add_argument("--data-path", default=default_data_path(),
                         help="folder with the JPEGs and the VIA JSON files (default: $DRINKS_DATA or dataset/drinks)")
-    parser.add_argument("--split", default="train", choices=["train", "test"], help="annotation file to read")
+    parser.add_argument("--split", default="train", choices=["train", "test"], help="annotation file to check")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads that decode the images")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     parser.add_argument("--figure", default=None, help="save a grid of images with their masks overlaid to this PNG")
     parser.add_argument("--legacy-masks", default=None, help="read masks from the book's segmentation_train.npy")
     parser.add_argument("--allow-pickle", action="store_true", help="allow unpickling --legacy-masks (trusted files only)")
     parser.add_argument("--download", action="store_true", help="download and extract the dataset to --data-path")
-    parser.add_argument("--url", default=None, help="archive URL for --download (default: $DRINKS_URL or the public copy)")
+    parser.add_argument("--url", action="append", default=None,
+                        help="archive URL for --download; repeat it for mirrors, tried in order "
+                             "(default: $DRINKS_URL, several separated by spaces, or the public copy)")
+    parser.add_argument("--archive", default=None,
+                        help="with --download: install this drinks.tar.gz, downloaded by hand, instead of fetching")
     return parser
 
 
 def main(args):
-    """Print the split's summary, or download the dataset with --download."""
+    """Check a split (every image decoded, every region filled; all problems listed, then exit 1) and print its
+    summary, or download the dataset with --download."""
     if args.download:
-        print(f"dataset ready at {download_drinks(args.data_path, args.url)}")
+        from download import download_drinks  # download.py imports this module; only --download needs it
+
+        print(f"dataset ready at {download_drinks(args.data_path, args.url, archive=args.archive)}")
         return
-    ann = load_annotations(args.data_path, args.split, args.legacy_masks, args.allow_pickle)
+    if args.legacy_masks:
+        ann = load_annotations(args.data_path, args.split, args.legacy_masks, args.allow_pickle)
+    else:
+        t0 = time.perf_counter()
+        ann, problems = check_split(args.data_path, args.split, args.workers)
+        json_path = Path(args.data_path) / ANNOTATION_FILES[args.split]
+        if problems:
+            print("\n".join(problems))
+            raise DataError(f"{json_path}: {len(problems)} problems, listed above; fix them before training")
+        print(f"checked {json_path}: {len(ann)} images decoded and their regions filled in "
+              f"{time.perf_counter() - t0:.1f} s ({args.workers} threads), no problems",
+              file=sys.stderr if args.json else sys.stdout)
     summary = summarise(ann)
     if args.json:
         print(json.dumps({"split": args.split, "n_images": summary["n_images"], "n_empty": summary["n_empty"],
@@ -623,7 +615,9 @@ def main(args):
 
 
 if __name__ == "__main__":
+    import data_generator  # run the importable module, so that it and download.py raise the same DataError
+
     try:
-        main(get_args_parser().parse_args())
-    except DataError as e:
+        data_generator.main(data_generator.get_args_parser().parse_args())
+    except data_generator.DataError as e:
         sys.exit(f"error: {e}")

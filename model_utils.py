@@ -271,6 +271,13 @@ def init_distributed(device_name=None):
     return info, device
 
 
+def barrier(device):
+    """Wait for every rank (no-op in a single process). Under NCCL the barrier runs on this process's GPU: left
+    to guess, NCCL picks a device by rank, which is not always the one this process uses."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def broadcast_buffers(model):
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 

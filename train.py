@@ -13,7 +13,6 @@ training annotations; the best epoch is scored on the test split at the end.
 import argparse
 import copy
 import json
-import math
 import os
 import signal
 import time
@@ -24,15 +23,19 @@ from torch import distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data_generator import AUGMENTATIONS, build_loader, default_data_path, ensure_data, make_dataset
+from data_generator import AUGMENTATIONS, build_loader, default_data_path, make_dataset
+from download import ensure_data
 from evaluate import evaluate_checkpoint, evaluate_model, to_input, write_json
 from fcn import build_fcn
-from model_utils import (BASE_LR, TrainingError, amp_dtype, broadcast_buffers, init_distributed, keep_freed_memory,
-                         load_checkpoint, lr_scheduler, make_grad_scaler, rng_state, run_cli, save_checkpoint,
-                         seed_everything, set_lr, set_rng_state)
+from model_utils import (BASE_LR, TrainingError, amp_dtype, barrier, broadcast_buffers, init_distributed,
+                         keep_freed_memory, load_checkpoint, lr_scheduler, make_grad_scaler, rng_state, run_cli,
+                         save_checkpoint, seed_everything, set_lr, set_rng_state)
 from resnet import L2_WEIGHT
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
+# README's CPU recipe, which the start message of a CPU run gives in full
+CPU_COMMAND = ("python train.py --height 96 --width 128 --epochs 20 --no-augment --lr-schedule scaled "
+               "--run-name cpu-96x128")
 
 
 def default_run_name(args):
@@ -287,8 +290,7 @@ def _train(args, info, device):
         write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size},
                    run_dir / "config.json")
     data_path = ensure_data(args.data_path) if info.is_main else Path(args.data_path)
-    if info.distributed:
-        dist.barrier()
+    barrier(device)
     train_set, class_names = make_dataset(data_path, "train", args.height, args.width, args.augment,
                                           args.val_fraction, args.seed, args.limit, workers=args.workers)
     val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.seed,
@@ -329,7 +331,8 @@ def _train(args, info, device):
     if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
         minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set))
         print(f"no GPU: training on the CPU. Estimated time for {args.epochs} epochs of {len(train_set)} images "
-              f"at {args.height}x{args.width}: {minutes:.0f} min. For a short CPU run see README.md.")
+              f"at {args.height}x{args.width}: {minutes:.0f} min. The CPU recipe (about half an hour on 2 cores, "
+              f"README.md): {CPU_COMMAND}")
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -369,8 +372,7 @@ def _train(args, info, device):
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU per image {val['miou_per_image']:.4f}"
                       f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s")
 
-    if info.distributed:
-        dist.barrier()
+    barrier(device)
     if info.is_main and args.test and best_path.exists():
         metrics = evaluate_checkpoint(best_path, data_path, "test", args.batch_size, args.workers, str(device),
                                       args.amp, args.channels_last, run_dir / "test_metrics.json",

@@ -15,7 +15,8 @@ def test_benchmark_reports_every_field(drinks, capsys):
         "--data-path", str(drinks), "--workers", "0", "--data-images", "4", "--json"])
     r = benchmark.main(args)
     for key in ("train_img_s", "infer_img_s", "baseline_train_img_s", "baseline_infer_img_s", "fp32_train_img_s",
-                "fp32_infer_img_s", "infer_eager_img_s", "onnx_infer_img_s", "gflops_per_img", "mfu", "data_img_s", "peak_mem_mb"):
+                "fp32_infer_img_s", "infer_eager_img_s", "onnx_infer_img_s", "gflops_per_img", "mfu", "data_img_s",
+                "peak_mem_mb"):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
     # forward + backward costs about three forward passes
     assert r["infer_compile"] is True  # infer_img_s is evaluate.py --compile's frozen graph

@@ -75,7 +75,7 @@ def test_figure_is_written(drinks, tmp_path, test_ann):
 
 def test_augmented_image_and_mask_stay_aligned(test_ann):
     """Paint each class in its palette colour, augment, and read the classes back from the colours."""
-    palette = np.asarray(dg.PALETTE, dtype=np.uint8)
+    palette = np.asarray(dg.PALETTE[:4], dtype=np.uint8)  # the drinks classes
     transform = dg.train_transform(240, 320, "full")
     torch.manual_seed(0)
     for i in range(12):
@@ -330,6 +330,49 @@ def test_legacy_npy_needs_the_explicit_flag(tmp_path):
         dg.load_annotations(tmp_path, "train", legacy_masks=tmp_path / "segmentation_train.npy")
     ann = dg.load_annotations(tmp_path, "train", legacy_masks=tmp_path / "segmentation_train.npy", allow_pickle=True)
     assert ann.filenames == ["a.jpg"] and ann.mask(0)[15, 15] == 2 and ann.mask(0)[0, 0] == 0
+
+
+def test_check_lists_every_broken_file_entry_and_region(tmp_path):
+    for name in ("good.jpg", "good2.png", "bad_region.jpg", "bad_rect.jpg", "no_region.jpg"):
+        _image(tmp_path / name)
+    _image(tmp_path / "truncated.jpg", size=(320, 240))
+    data = (tmp_path / "truncated.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])  # the header survives: only decoding finds it
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image")
+    broken_rect = {"shape_attributes": {"name": "rect", "x": 1, "y": 2}, "region_attributes": {"Name": "2"}}
+    _via(tmp_path, [("good.jpg", [SQUARE]), ("truncated.jpg", [SQUARE]), ("garbage.jpg", []), ("missing.jpg", []),
+                    ("bad_region.jpg", [SQUARE, _poly([1, 5, 9], [1, 5, 1], cls="9")]), ("bad_rect.jpg", [broken_rect]),
+                    ("good2.png", [SQUARE]), ("no_region.jpg", [])])
+    via = json.loads((tmp_path / "segmentation_train.json").read_text())
+    via["_via_img_metadata"]["nameless"] = {"regions": []}
+    (tmp_path / "segmentation_train.json").write_text(json.dumps(via))
+
+    ann, problems = dg.check_split(tmp_path, "train", workers=2)
+    expected = ["entry 'nameless' has no 'filename'", "entry 'bad_region.jpg' region 1: unknown class '9'",
+                "truncated.jpg: cannot read image", "garbage.jpg: cannot read image",
+                "missing.jpg: image file not found",
+                "entry 'bad_rect.jpg' region 0: cannot fill its rect (KeyError"]
+    assert len(problems) == len(expected)
+    for words in expected:
+        assert sum(words in p for p in problems) == 1, words
+    assert all(p.startswith(str(tmp_path / "segmentation_train.json")) for p in problems)
+    # the sound entries are kept, with their class maps filled as load_annotations fills them
+    assert ann.filenames == ["good.jpg", "bad_region.jpg", "bad_rect.jpg", "good2.png", "no_region.jpg"]
+    assert ann.mask(0)[20, 20] == 1 and ann.mask(4).max() == 0
+
+    out = subprocess.run([sys.executable, "data_generator.py", "--data-path", str(tmp_path), "--workers", "2"],
+                         capture_output=True, text=True, cwd=dg.Path(dg.__file__).parent)
+    assert out.returncode == 1
+    assert out.stdout.strip().splitlines() == problems
+    assert out.stderr.strip() == (f"error: {tmp_path / 'segmentation_train.json'}: 6 problems, listed above; "
+                                  f"fix them before training")
+
+
+def test_check_agrees_with_load_annotations_on_the_real_test_split(drinks, test_ann):
+    ann, problems = dg.check_split(drinks, "test", workers=2)
+    assert problems == [] and ann.filenames == test_ann.filenames
+    for i in range(len(ann)):
+        np.testing.assert_array_equal(ann.mask(i), test_ann.mask(i))
 
 
 def test_cli_error_is_one_line_and_non_zero(tmp_path):

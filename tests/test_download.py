@@ -3,14 +3,18 @@ import functools
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import data_generator as dg
+import download as dl
 from data_generator import DataError
+
+ROOT = dl.Path(dl.__file__).parent
 
 
 def _add(tar, name, data):
@@ -50,7 +54,7 @@ def test_good_archive(server, tmp_path):
     root, url = server
     sums = _archive(root / "drinks.tar.gz")
     target = tmp_path / "dataset" / "drinks"
-    assert dg.download_drinks(target, f"{url}/drinks.tar.gz", sums) == target
+    assert dl.download_drinks(target, [f"{url}/drinks.tar.gz"], sums) == target
     assert (target / "segmentation_train.json").is_file() and (target / "0000000.jpg").read_bytes() == b"jpeg bytes"
     assert not list(target.parent.glob(".extract-*")) and not list(target.parent.glob("*.part"))
 
@@ -61,7 +65,7 @@ def test_bad_checksum(server, tmp_path):
     sums["segmentation_test.json"] = "0" * 64
     target = tmp_path / "dataset" / "drinks"
     with pytest.raises(DataError, match="segmentation_test.json has SHA-256 .* expected 0000"):
-        dg.download_drinks(target, f"{url}/drinks.tar.gz", sums)
+        dl.download_drinks(target, [f"{url}/drinks.tar.gz"], sums)
     assert not target.exists() and not list(target.parent.glob(".extract-*"))
 
 
@@ -70,7 +74,7 @@ def test_malicious_member_is_refused(server, tmp_path):
     sums = _archive(root / "drinks.tar.gz", extra=[("../../escaped.txt", b"owned")])
     target = tmp_path / "dataset" / "drinks"
     with pytest.raises(DataError, match="cannot extract archive safely"):
-        dg.download_drinks(target, f"{url}/drinks.tar.gz", sums)
+        dl.download_drinks(target, [f"{url}/drinks.tar.gz"], sums)
     assert not target.exists()
     assert not list(tmp_path.rglob("escaped.txt"))
 
@@ -78,13 +82,95 @@ def test_malicious_member_is_refused(server, tmp_path):
 def test_offline_says_what_to_do(server, tmp_path):
     _, url = server
     target = tmp_path / "dataset" / "drinks"
-    with pytest.raises(DataError, match=r"download failed .*Offline\? Get drinks.tar.gz by hand"):
-        dg.download_drinks(target, f"{url}/missing.tar.gz", {})
+    with pytest.raises(DataError, match=r"missing.tar.gz: download failed .*Get drinks.tar.gz .*--archive PATH"):
+        dl.download_drinks(target, [f"{url}/missing.tar.gz"], {})
     assert not list(target.parent.glob("*.part")) and not (target.parent / "drinks.tar.gz").exists()
+
+
+HTML_SCAN = b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>...</body></html>"
+HTML_QUOTA = b"<html><body><p>Too many users have viewed or downloaded this file recently. Quota exceeded.</p></html>"
+
+
+@pytest.mark.parametrize("page, words", [(HTML_SCAN, "virus-scan or sign-in page"), (HTML_QUOTA, "quota-exceeded")])
+def test_html_answer_is_named_and_not_kept(server, tmp_path, page, words):
+    root, url = server
+    (root / "drive.html").write_bytes(page)
+    target = tmp_path / "dataset" / "drinks"
+    with pytest.raises(DataError, match=f"drive.html: got an HTML page \\(a {words}.*not the archive.*--archive PATH"):
+        dl.download_drinks(target, [f"{url}/drive.html"], {})
+    assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_not_an_archive_at_all(server, tmp_path):
+    root, url = server
+    (root / "blob.bin").write_bytes(b"\x00\x01binary junk" * 100)
+    with pytest.raises(DataError, match="blob.bin: not a gzip or tar archive"):
+        dl.download_drinks(tmp_path / "drinks", [f"{url}/blob.bin"], {})
+
+
+def test_mirrors_are_tried_in_order_and_trusted_only_on_matching_checksums(server, tmp_path):
+    root, url = server
+    (root / "drive.html").write_bytes(HTML_SCAN)
+    sums = _archive(root / "drinks.tar.gz")
+    # a mirror serving another archive: a valid tar.gz whose JSON differs from the published checksums
+    (root / "other").mkdir()
+    with tarfile.open(root / "other" / "drinks.tar.gz", "w:gz") as tar:
+        _add(tar, "drinks/segmentation_train.json", b'{"tampered": true}')
+        _add(tar, "drinks/segmentation_test.json", b'{"x": 1}')
+    target = tmp_path / "dataset" / "drinks"
+    urls = [f"{url}/drive.html", f"{url}/other/drinks.tar.gz", f"{url}/drinks.tar.gz"]
+    assert dl.download_drinks(target, urls, sums) == target
+    assert json.loads((target / "segmentation_train.json").read_text()) == {"_via_img_metadata": {}}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["drinks", "drinks.tar.gz"]
+
+    # all mirrors bad: every reason is listed, in one line
+    target2 = tmp_path / "again" / "drinks"
+    with pytest.raises(DataError) as e:
+        dl.download_drinks(target2, urls[:2], sums)
+    message = str(e.value)
+    assert "\n" not in message and "drive.html: got an HTML page" in message
+    assert "other/drinks.tar.gz: segmentation_train.json has SHA-256" in message
+    assert not target2.exists() and not list(target2.parent.iterdir())
+
+
+def test_archive_downloaded_by_hand(tmp_path):
+    sums = _archive(tmp_path / "by-hand.tar.gz")
+    target = tmp_path / "dataset" / "drinks"
+    assert dl.download_drinks(target, ["http://127.0.0.1:9/never"], sums, archive=tmp_path / "by-hand.tar.gz") == target
+    assert (target / "0000000.jpg").read_bytes() == b"jpeg bytes"
+    assert (tmp_path / "by-hand.tar.gz").is_file()  # the user's file is left where it was
+
+    (tmp_path / "saved-page.tar.gz").write_bytes(HTML_SCAN)
+    with pytest.raises(DataError, match="saved-page.tar.gz: got an HTML page"):
+        dl.download_drinks(tmp_path / "other" / "drinks", None, sums, archive=tmp_path / "saved-page.tar.gz")
+    with pytest.raises(DataError, match="nothing.tar.gz: archive not found"):
+        dl.download_drinks(tmp_path / "other" / "drinks", None, sums, archive=tmp_path / "nothing.tar.gz")
+
+
+def test_cli_archive_flag_with_the_published_checksums(tmp_path):
+    """--archive through data_generator.py: an archive with other JSON is refused by the real checksums."""
+    _archive(tmp_path / "drinks.tar.gz")
+    proc = subprocess.run([sys.executable, "data_generator.py", "--download", "--data-path", str(tmp_path / "d"),
+                           "--archive", str(tmp_path / "drinks.tar.gz")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'drinks.tar.gz'}: segmentation_train.json has SHA-256 "
+        f"{hashlib.sha256(json.dumps({'_via_img_metadata': {}}).encode()).hexdigest()}, "
+        f"expected {dl.JSON_SHA256['segmentation_train.json']}"]
+    assert not (tmp_path / "d").exists()
+
+
+def test_env_lists_mirrors(monkeypatch):
+    monkeypatch.setenv("DRINKS_URL", "http://a/x.tar.gz  http://b/y.tar.gz")
+    assert dl.mirror_urls() == ["http://a/x.tar.gz", "http://b/y.tar.gz"]
+    assert dl.mirror_urls(["http://c"]) == ["http://c"]
+    monkeypatch.delenv("DRINKS_URL")
+    assert dl.mirror_urls() == [dl.DEFAULT_URL]
 
 
 def test_existing_dataset_is_not_downloaded_again(tmp_path):
     target = tmp_path / "drinks"
     target.mkdir()
     (target / "segmentation_train.json").write_text("{}")
-    assert dg.download_drinks(target, "http://127.0.0.1:9/never", {}) == target
+    assert dl.download_drinks(target, ["http://127.0.0.1:9/never"], {}) == target

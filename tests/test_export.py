@@ -15,7 +15,6 @@ from torchvision.transforms.v2 import functional as TF
 import data_generator as dg
 import evaluate
 import export
-import train
 from model_utils import CheckpointError, ExportError, load_checkpoint, model_from_checkpoint
 from onnx_model import CONFIG_KEY, OnnxModel, read_metadata
 
@@ -23,16 +22,11 @@ ROOT = dg.Path(dg.__file__).parent
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, drinks):
-    """A checkpoint after one short epoch at 60x80, and its export (checked on 4 real test images)."""
-    tmp = tmp_path_factory.mktemp("export")
-    train.main(train.get_args_parser().parse_args([
-        "--data-path", str(drinks), "--output-dir", str(tmp / "weights"), "--figures-dir", str(tmp / "figures"),
-        "--run-name", "run", "--workers", "0", "--height", "60", "--width", "80", "--limit", "48", "--epochs", "1",
-        "--seed", "3", "--no-test"]))
-    weights = tmp / "weights" / "run" / "best.pt"
-    result = export.main(_export_args(weights, tmp / "model.onnx", drinks))
-    return weights, tmp / "model.onnx", result
+def trained(tmp_path_factory, tiny_checkpoint, drinks):
+    """The tiny trained checkpoint and its export (checked on 4 real test images)."""
+    onnx_path = tmp_path_factory.mktemp("export") / "model.onnx"
+    result = export.main(_export_args(tiny_checkpoint, onnx_path, drinks))
+    return tiny_checkpoint, onnx_path, result
 
 
 def _export_args(weights, output, drinks, *extra):

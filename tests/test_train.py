@@ -162,3 +162,9 @@ def test_train_flags_choose_the_augmentation():
     assert parser.parse_args([]).augment == "full"
     assert parser.parse_args(["--augment", "flip"]).augment == "flip"
     assert parser.parse_args(["--no-augment"]).augment == "none"
+
+
+def test_cpu_start_message_gives_readmes_cpu_command():
+    """A CPU run's start message gives the exact command of README's CPU recipe (test_own_data sees it printed)."""
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n{train.CPU_COMMAND}\n" in readme
