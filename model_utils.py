@@ -1,4 +1,4 @@
-"""Training utilities: the book's learning-rate schedule, checkpoints, seeding, devices, mixed precision,
+"""Training utilities: checkpoints, seeding, devices, mixed precision,
 distributed setup and segmentation metrics."""
 import copy
 import ctypes
@@ -63,30 +63,6 @@ def run_cli(main, parser):
         sys.exit(f"error: {e}")
 
 
-# --------------------------------------------------------------------------------------------------- schedule
-
-def lr_scheduler(epoch, base_lr=BASE_LR, epochs=100):
-    """The book's step schedule: base until epoch 40, then x0.5, x0.1 after 60, x0.05 after 80 (0-based).
-
-    ``epochs`` other than the book's 100 scales the steps to the run's length (40%, 60%, 80% of it), so a
-    short run decays too.
-    """
-    scale = epochs / 100
-    if epoch > 80 * scale:
-        return base_lr * 0.05
-    if epoch > 60 * scale:
-        return base_lr * 0.1
-    if epoch > 40 * scale:
-        return base_lr * 0.5
-    return base_lr
-
-
-def set_lr(optimizer, lr):
-    """Set every parameter group's learning rate."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
@@ -117,11 +93,13 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Build the FCN a checkpoint describes and load its weights; CheckpointError if they do not fit."""
+    """Build the FCN a checkpoint describes and load its weights (the EMA weights when the run kept an EMA:
+    those are the ones it validated); CheckpointError if they do not fit."""
     cfg = ckpt["config"]
+    weights = ckpt["ema"]["model"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
     try:
         model = build_fcn(cfg["n_classes"], cfg["depth"], cfg["n_layers"])
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except (RuntimeError, ValueError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the model in its config ({first_line})") from None

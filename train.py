@@ -25,12 +25,14 @@ from tqdm import tqdm
 
 from data_generator import AUGMENTATIONS, build_loader, default_data_path, make_dataset
 from download import ensure_data
-from evaluate import evaluate_checkpoint, evaluate_model, to_input, write_json
+from ema import ModelEMA
+from evaluate import TTA_MODES, evaluate_checkpoint, evaluate_model, to_input, write_json
 from fcn import build_fcn
 from model_utils import (BASE_LR, TrainingError, amp_dtype, barrier, broadcast_buffers, init_distributed,
-                         keep_freed_memory, load_checkpoint, lr_scheduler, make_grad_scaler, rng_state, run_cli,
-                         save_checkpoint, seed_everything, set_lr, set_rng_state)
+                         keep_freed_memory, load_checkpoint, make_grad_scaler, rng_state, run_cli, save_checkpoint,
+                         seed_everything, set_rng_state)
 from resnet import L2_WEIGHT
+from schedules import SCHEDULES, learning_rate, set_lr
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
 # README's CPU recipe, which the start message of a CPU run gives in full
@@ -97,15 +99,15 @@ def train_step(model, criterion, optimizer, scaler, x, target, dtype):
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
-                    loss_state, is_main, world_size):
-    """Train one epoch from ``start_step``. Returns (loss_state, next_step, stopped).
+                    loss_state, is_main, world_size, lr_fn, after_step=None):
+    """Train one epoch from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each step and
+    calling ``after_step()`` (the EMA update) after it. Returns (loss_state, next_step, stopped).
 
     ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
     syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
     bar and, when distributed, agrees on a stop with the other ranks.
     """
     model.train()
-    lr = optimizer.param_groups[0]["lr"]
     steps = start_step + len(loader)
     bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                dynamic_ncols=True, mininterval=1.0)
@@ -113,7 +115,11 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
     for images, masks in loader:
         x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
         target = masks.to(device, non_blocking=True).long()  # (B, H, W)
+        lr = lr_fn(step)
+        set_lr(optimizer, lr)
         loss = train_step(model, criterion, optimizer, scaler, x, target, dtype)
+        if after_step is not None:
+            after_step()
         loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
         step += 1
         seen += images.shape[0] * world_size
@@ -134,12 +140,15 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
     return loss_state, step, False
 
 
-def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state):
+def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state, ema=None):
     """Everything ``--resume`` needs, as plain dicts and tensors (loadable with weights_only=True).
 
-    ``epoch`` is the epoch in progress and ``step`` the steps done in it (0 when it has not started).
+    ``epoch`` is the epoch in progress and ``step`` the steps done in it (0 when it has not started). With an
+    EMA, its weights are saved too, and evaluation and export use them (model_utils.model_from_checkpoint).
     """
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
     return {
+        **extra,
         "model": model.state_dict(),
         "config": {"n_classes": len(class_names), "depth": args.depth, "n_layers": args.n_layers,
                    "height": args.height, "width": args.width, "class_names": list(class_names)},
@@ -213,8 +222,17 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
         train_step(model, F.cross_entropy, optimizer, scaler, x, y, dtype)  # not the run's criterion object
         times.append(time.perf_counter() - t)
     per_image = min(times[1:]) / args.batch_size
-    # evaluation is a forward pass (about a third of a training step) plus native-size scoring
-    return per_image * (n_train + n_val / 2) * args.epochs / 60
+    # evaluation is a forward pass (about a third of a training step) plus native-size scoring; flip TTA: two
+    val_passes = 2 if args.tta == "flip" else 1
+    return per_image * (n_train + n_val / 2 * val_passes) * args.epochs / 60
+
+
+def ema_decay(text):
+    """argparse type of --ema: 0 (off) or a decay in (0, 1)."""
+    value = float(text)
+    if value != 0 and not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"EMA decay must be 0 (off) or in (0, 1), got {text}")
+    return value
 
 
 def get_args_parser():
@@ -225,9 +243,12 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=100, help="total epochs (the book: 100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (the book: 4)")
     p.add_argument("--lr", type=float, default=BASE_LR, help="base learning rate of the book's schedule")
-    p.add_argument("--lr-schedule", default="book", choices=["book", "scaled"],
+    p.add_argument("--lr-schedule", default="book", choices=SCHEDULES,
                    help="book: x0.5 after epoch 40, x0.1 after 60, x0.05 after 80; scaled: the same steps at "
-                        "40%%, 60%%, 80%% of --epochs (for short runs)")
+                        "40%%, 60%%, 80%% of --epochs (for short runs); cosine: half a cosine down to 0; "
+                        "poly: (1 - t) ** 0.9 (torchvision's references, MMSegmentation); set every step")
+    p.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear warmup of the rate over this many epochs (may be fractional; the book: 0)")
     p.add_argument("--l2", type=float, default=L2_WEIGHT, help="the book's L2 coefficient on the backbone's kernels")
     p.add_argument("--height", type=int, default=480, help="input height the images are resized to")
     p.add_argument("--width", type=int, default=640, help="input width the images are resized to")
@@ -253,6 +274,12 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and the split")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise-reproducible runs)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
+                   help="validate, keep and test an exponential moving average of the weights with this decay per "
+                        "step, e.g. 0.999 (0: off, the book)")
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation of the validation and the final test evaluation: flip averages the "
+                        "logits of each image and its mirror (the book: none)")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-split evaluation")
     return p
 
@@ -309,8 +336,8 @@ def _train(args, info, device):
     criterion = build_criterion()
     start_epoch, start_step, best = 0, 0, -1.0
     loss_state = torch.zeros(2, dtype=torch.float64, device=device)
-    if args.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, map_location=device)
+    ckpt = load_checkpoint(last_path, map_location=device) if args.resume and last_path.exists() else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -320,6 +347,9 @@ def _train(args, info, device):
         if info.is_main:
             print(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best val mIoU {best:.4f}")
             trim_metrics(metrics_path, start_epoch)
+    ema = ModelEMA(model, args.ema) if args.ema else None  # the weights validated, kept as best.pt and tested
+    if ema is not None and ckpt is not None and "ema" in ckpt:
+        ema.load_state_dict(ckpt["ema"])
     if args.sync_bn and info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_model = model
@@ -335,23 +365,30 @@ def _train(args, info, device):
               f"README.md): {CPU_COMMAND}")
 
     with StopRequest() as stop:
+        steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it
         for epoch in range(start_epoch, args.epochs):
-            lr = lr_scheduler(epoch, args.lr, 100 if args.lr_schedule == "book" else args.epochs)
-            set_lr(optimizer, lr)
+            def lr_fn(step, epoch=epoch):
+                return learning_rate(args.lr_schedule, epoch * steps_per_epoch + step, steps_per_epoch, args.epochs,
+                                     args.lr, args.warmup_epochs)
+
+            lr = lr_fn(0)
             train_loader.sampler.set_epoch(epoch)
             train_loader.sampler.skip = start_step * args.batch_size if epoch == start_epoch else 0
             t0 = time.perf_counter()
             loss_state, step, stopped = train_one_epoch(
                 train_model, criterion, optimizer, scaler, train_loader, device, epoch, args, dtype, stop,
-                start_step if epoch == start_epoch else 0, loss_state, info.is_main, info.world_size)
+                start_step if epoch == start_epoch else 0, loss_state, info.is_main, info.world_size, lr_fn,
+                None if ema is None else lambda: ema.update(model))
             if stopped:
                 if info.is_main:
                     save_checkpoint(checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best,
-                                                     loss_state), last_path)
+                                                     loss_state, ema), last_path)
                     print(f"saved {last_path} at epoch {epoch + 1} step {step}; continue with --resume")
                 return None
-            broadcast_buffers(model)
-            val_acc, _ = evaluate_model(model, val_loader, device, len(class_names), dtype, args.channels_last)
+            scored = model if ema is None else ema.module
+            broadcast_buffers(scored)
+            val_acc, _ = evaluate_model(scored, val_loader, device, len(class_names), dtype, args.channels_last,
+                                        tta=args.tta)
             val_acc.all_reduce()
             val = val_acc.compute(class_names)
             train_loss = (loss_state[0] / loss_state[1]).item()
@@ -364,7 +401,8 @@ def _train(args, info, device):
                           "val": {k: v for k, v in val.items() if k != "per_class"},
                           "val_iou_per_class": [r["iou"] for r in val["per_class"]]}
                 append_jsonl(metrics_path, record)
-                state = checkpoint_state(model, optimizer, scaler, args, class_names, epoch + 1, 0, best, loss_state)
+                state = checkpoint_state(model, optimizer, scaler, args, class_names, epoch + 1, 0, best, loss_state,
+                                         ema)
                 if improved:
                     save_checkpoint(state, best_path)
                 save_checkpoint(state, last_path)
@@ -376,7 +414,7 @@ def _train(args, info, device):
     if info.is_main and args.test and best_path.exists():
         metrics = evaluate_checkpoint(best_path, data_path, "test", args.batch_size, args.workers, str(device),
                                       args.amp, args.channels_last, run_dir / "test_metrics.json",
-                                      figures_dir=fig_dir)
+                                      figures_dir=fig_dir, tta=args.tta)
         return metrics
     return None
 

@@ -88,13 +88,22 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch):
+@pytest.mark.parametrize("schedule", [["--lr-schedule", "book"],
+                                      ["--lr-schedule", "cosine", "--warmup-epochs", 0.5, "--ema", 0.9]],
+                         ids=["book", "cosine-warmup-ema"])
+def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule):
+    """Resumed runs end with the uninterrupted run's weights, bit for bit. With cosine the rate changes every
+    step, so a resume mid-epoch must set it again exactly, and the EMA must go on from its saved state. (Resuming with another --epochs changes the scaled,
+    cosine and poly schedules by design, so the epoch-boundary resume runs with the book's.)"""
     common = ["--height", 32, "--width", 40, "--limit", 24, "--val-fraction", 0.005, "--deterministic", "--no-test",
-              "--batch-size", 4]
+              "--batch-size", 4, *schedule]
     full, part, stopped = tmp_path / "full", tmp_path / "part", tmp_path / "stopped"
     train.main(_args(full, drinks, *common, "--epochs", 2))
-    train.main(_args(part, drinks, *common, "--epochs", 1, "--workers", 2))
-    train.main(_args(part, drinks, *common, "--epochs", 2, "--resume"))
+    resumed = [stopped]
+    if schedule[1] == "book":
+        train.main(_args(part, drinks, *common, "--epochs", 1, "--workers", 2))
+        train.main(_args(part, drinks, *common, "--epochs", 2, "--resume"))
+        resumed.append(part)
 
     calls = {"n": 0}
 
@@ -111,10 +120,19 @@ def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch):
     monkeypatch.undo()
     train.main(_args(stopped, drinks, *common, "--epochs", 2, "--resume"))
 
-    ref = _weights(full / "weights" / "run" / "last.pt")
-    for other in (part, stopped):
-        got = _weights(other / "weights" / "run" / "last.pt")
-        assert all(torch.equal(ref[k], got[k]) for k in ref), f"{other.name} differs from the uninterrupted run"
+    ref = load_checkpoint(full / "weights" / "run" / "last.pt")
+    for other in resumed:
+        got = load_checkpoint(other / "weights" / "run" / "last.pt")
+        for name in ("model", "ema"):
+            if name in ref:
+                a, b = (ref[name], got[name]) if name == "model" else (ref[name]["model"], got[name]["model"])
+                assert all(torch.equal(a[k], b[k]) for k in a), f"{other.name}'s {name} differs from the full run"
+        assert got.get("ema", {}).get("updates") == ref.get("ema", {}).get("updates")
+    # the last step's rate (step 11 of 12; cosine: 3 warmup steps, then 8 of the 9 cosine steps done)
+    rates = [load_checkpoint(d / "weights" / "run" / "last.pt")["optimizer"]["param_groups"][0]["lr"]
+             for d in [full, *resumed]]
+    expected = 1e-3 if schedule[1] == "book" else 1e-3 * 0.5 * (1 + np.cos(np.pi * 8 / 9))
+    assert rates == pytest.approx([expected] * len(rates))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, drinks, monkeypatch):
