@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from data_generator import (DataError, PALETTE, build_loader, default_data_path, make_dataset, overlay,
                             read_image, save_figure)
 from model_utils import (CheckpointError, SegmentationMetrics, amp_dtype, format_metrics_table, get_device,
-                         inference_model, keep_freed_memory, load_checkpoint, model_from_checkpoint, run_cli)
+                         has_ema, inference_model, keep_freed_memory, load_checkpoint, model_from_checkpoint, run_cli)
 from onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -173,8 +173,9 @@ def save_confusion_figure(confusion, class_names, path, title):
 
 # --------------------------------------------------------------------------------------------------- entry points
 
-def load_model(weights, device):
-    """(model in eval mode on ``device``, checkpoint) from a checkpoint path.
+def load_model(weights, device, ema=True):
+    """(model in eval mode on ``device``, checkpoint) from a checkpoint path; ``ema`` False loads the trained
+    weights of a checkpoint that also carries EMA weights.
 
     A ``.onnx`` file from export.py gives an OnnxModel (run by onnxruntime on the CPU) and a checkpoint-like
     dict of its metadata: the config, and the split's validation fraction and seed as ``args``.
@@ -183,20 +184,20 @@ def load_model(weights, device):
         model = OnnxModel(weights)
         return model, {"config": model.config, "args": model.train_split}
     ckpt = load_checkpoint(weights)
-    model = model_from_checkpoint(ckpt, weights).to(device).eval()
+    model = model_from_checkpoint(ckpt, weights, ema).to(device).eval()
     return model, ckpt
 
 
 def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=2, device=None, amp=True,
                         channels_last=False, json_path=None, save_predictions=None, figures_dir=None, n_figures=6,
-                        n_worst=5, seed=0, limit=None, quiet=False, compile=False, tta="none"):
+                        n_worst=5, seed=0, limit=None, quiet=False, compile=False, tta="none", ema=True):
     """Evaluate a checkpoint on a split; write the JSON, prediction PNGs and figures asked for.
 
     "train" and "val" are rebuilt with the validation fraction and seed the checkpoint was trained with.
-    Returns the metrics dict.
+    ``ema`` False scores the trained weights instead of the EMA a checkpoint carries. Returns the metrics dict.
     """
     device = get_device(device)
-    model, ckpt = load_model(weights, device)
+    model, ckpt = load_model(weights, device, ema)
     cfg, train_args = ckpt["config"], ckpt.get("args", {})
     dataset, class_names = make_dataset(data_path, split, cfg["height"], cfg["width"], augment="none",
                                         val_fraction=train_args.get("val_fraction", 0.1),
@@ -208,7 +209,8 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
     metrics_acc, predictions = evaluate_model(model, loader, device, cfg["n_classes"],
                                               input_dtype(model, device, amp), channels_last,
                                               keep_predictions=keep, compile=compile, tta=tta)
-    metrics = {"split": split, "weights": str(weights), "tta": tta, **metrics_acc.compute(class_names)}
+    metrics = {"split": split, "weights": str(weights), "tta": tta, "ema": ema and has_ema(ckpt),
+               **metrics_acc.compute(class_names)}
     if not quiet:
         print(f"{weights} on {split} ({metrics['n_images']} images, native resolution):")
         print(format_metrics_table(metrics))
@@ -247,12 +249,12 @@ def image_files(paths):
 
 
 @torch.inference_mode()
-def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False, tta="none"):
+def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False, tta="none", ema=True):
     """Segment image files of any size: write ``<name>-mask.png`` and ``<name>-overlay.png`` to ``out_dir``."""
     from torchvision.transforms.v2 import functional as TF
 
     device = get_device(device)
-    model, ckpt = load_model(weights, device)
+    model, ckpt = load_model(weights, device, ema)
     cfg, dtype = ckpt["config"], input_dtype(model, device, amp)
     fast = predictor(model, dtype, True, compile)
     written = []
@@ -301,6 +303,9 @@ def get_args_parser():
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
                         help="test-time augmentation: flip averages the logits of each image and its mirror "
                              "(twice the compute)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the EMA weights of a checkpoint trained with --ema (what it validated); --no-ema "
+                             "scores its trained weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images in samples.png")
     return parser
 
@@ -310,14 +315,18 @@ def main(args):
     keep_freed_memory()
     if args.compile and Path(args.weights).suffix.lower() == ".onnx":
         raise CheckpointError(f"{args.weights}: --compile applies to PyTorch checkpoints, not to ONNX models")
+    if not args.ema and Path(args.weights).suffix.lower() == ".onnx":
+        raise CheckpointError(f"{args.weights}: --no-ema applies to PyTorch checkpoints; an ONNX file holds one set "
+                              f"of weights")
     run = Path(args.weights).resolve().parent.name
     if args.image_file:
         return segment_files(args.weights, args.image_file, args.output_dir or Path("figures") / run / "predictions",
-                             args.device, args.amp, args.compile, args.tta)
+                             args.device, args.amp, args.compile, args.tta, args.ema)
     figures_dir = (args.figures_dir or Path("figures") / run) if args.figures > 0 else None
     return evaluate_checkpoint(args.weights, args.data_path, args.split, args.batch_size, args.workers, args.device,
                                args.amp, args.channels_last, args.json, args.save_predictions, figures_dir,
-                               args.figures, seed=args.seed, limit=args.limit, compile=args.compile, tta=args.tta)
+                               args.figures, seed=args.seed, limit=args.limit, compile=args.compile, tta=args.tta,
+                               ema=args.ema)
 
 
 if __name__ == "__main__":

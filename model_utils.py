@@ -92,11 +92,16 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Build the FCN a checkpoint describes and load its weights (the EMA weights when the run kept an EMA:
-    those are the ones it validated); CheckpointError if they do not fit."""
+def has_ema(ckpt):
+    """Whether a checkpoint carries EMA weights (train.py --ema)."""
+    return isinstance(ckpt.get("ema"), dict)
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
+    """Build the FCN a checkpoint describes and load its weights: the EMA weights when the run kept an EMA
+    (those are the ones it validated) unless ``ema`` is False; CheckpointError if they do not fit."""
     cfg = ckpt["config"]
-    weights = ckpt["ema"]["model"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
+    weights = ckpt["ema"]["model"] if ema and has_ema(ckpt) else ckpt["model"]
     try:
         model = build_fcn(cfg["n_classes"], cfg["depth"], cfg["n_layers"])
         model.load_state_dict(weights)

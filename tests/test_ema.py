@@ -64,9 +64,9 @@ def test_validation_best_and_test_use_the_ema_weights(tmp_path, drinks):
     loaded = model_from_checkpoint(ckpt).state_dict()
     assert all(torch.equal(loaded[k], averaged[k]) for k in averaged)
     validated = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val"]
-    def score(weights, split):  # as train.py scores: float32 here, channels_last
+    def score(weights, split, ema=True):  # as train.py scores: float32 here, channels_last
         return evaluate.evaluate_checkpoint(weights, drinks, split, batch_size=4, workers=0, device="cpu", amp=False,
-                                            channels_last=True, quiet=True)
+                                            channels_last=True, quiet=True, ema=ema)
 
     rescored = score(run / "best.pt", "val")
     assert rescored["n_images"] == validated["n_images"] == 20
@@ -75,7 +75,16 @@ def test_validation_best_and_test_use_the_ema_weights(tmp_path, drinks):
     assert tested["miou"] == pytest.approx(score(run / "best.pt", "test")["miou"], abs=1e-9)
     # the live weights score otherwise, so the equalities above say which weights were scored
     torch.save({k: v for k, v in ckpt.items() if k != "ema"}, tmp_path / "live.pt")
-    assert abs(score(tmp_path / "live.pt", "val")["miou_per_image"] - validated["miou_per_image"]) > 1e-4
+    live_score = score(tmp_path / "live.pt", "val")
+    assert abs(live_score["miou_per_image"] - validated["miou_per_image"]) > 1e-4
+    assert rescored["ema"] is True and live_score["ema"] is False
+    # evaluate.py --no-ema scores the trained weights of the EMA checkpoint: the live ones
+    args = evaluate.get_args_parser().parse_args([
+        "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--split", "val", "--no-ema", "--no-amp",
+        "--figures", "0", "--workers", "0", "--json", str(tmp_path / "no-ema.json")])
+    evaluate.main(args)
+    no_ema = json.loads((tmp_path / "no-ema.json").read_text())
+    assert no_ema["ema"] is False and no_ema["miou_per_image"] == pytest.approx(live_score["miou_per_image"], abs=1e-9)
 
 
 def test_ema_flag_is_checked():
