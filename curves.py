@@ -9,6 +9,7 @@ Runs given with the same label share a colour (seeds of one recipe). The time ax
 not in it.
 """
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -34,10 +35,7 @@ def read_metrics(path):
 
 def time_to_accuracy(rows, key="miou_per_image"):
     """(minutes, scores): the wall-clock minutes at the end of each epoch and its validation ``key``."""
-    minutes, total = [], 0.0
-    for r in rows:
-        total += r["seconds"]
-        minutes.append(total / 60)
+    minutes = [total / 60 for total in itertools.accumulate(r["seconds"] for r in rows)]
     return minutes, [r["val"][key] for r in rows]
 
 

@@ -313,9 +313,10 @@ def get_args_parser():
 def main(args):
     """Evaluate a checkpoint on a split, or segment the files given with --image-file."""
     keep_freed_memory()
-    if args.compile and Path(args.weights).suffix.lower() == ".onnx":
+    is_onnx = Path(args.weights).suffix.lower() == ".onnx"
+    if args.compile and is_onnx:
         raise CheckpointError(f"{args.weights}: --compile applies to PyTorch checkpoints, not to ONNX models")
-    if not args.ema and Path(args.weights).suffix.lower() == ".onnx":
+    if not args.ema and is_onnx:
         raise CheckpointError(f"{args.weights}: --no-ema applies to PyTorch checkpoints; an ONNX file holds one set "
                               f"of weights")
     run = Path(args.weights).resolve().parent.name
