@@ -1,4 +1,5 @@
-"""Measure training and inference throughput of the FCN, its FLOPs and MFU, and the data pipeline's rate.
+"""Measure training and inference throughput of a registered model (the book's FCN by default), its FLOPs and
+MFU, and the data pipeline's rate.
 
 Everything is measured in one process, after warm-up: the project's fast settings (bf16 autocast where the
 hardware has it, channels_last; for inference also BatchNorm folded into the convs, bf16 weights and, as with
@@ -12,6 +13,7 @@ and batch.
 
     python benchmark.py --height 240 --width 320 --batch-size 4 --steps 3 --device cpu --json
     python benchmark.py --height 480 --width 640 --batch-size 16 --steps 20 --device cuda --compile
+    python benchmark.py --model deeplabv3_mobilenet_v3_large --height 96 --width 128 --device cpu --json
 """
 import argparse
 import json
@@ -22,15 +24,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from data_generator import DataError, build_loader, default_data_path, make_dataset
 from evaluate import to_input
-from fcn import build_fcn
+from flops import model_gflops
 from model_utils import (BASE_LR, amp_dtype, get_device, inference_model, keep_freed_memory, make_grad_scaler,
                          run_cli, seed_everything)
 from onnx_model import OnnxModel, export_onnx
+from registry import MODELS, build_model, model_options
 from resnet import L2_WEIGHT, ConvTranspose2d
 from train import build_criterion, build_optimizer, train_step
 from train import get_args_parser as train_parser
@@ -62,20 +63,9 @@ def matmul_peak_gflops(device, dtype, n=4096, steps=5):
     return 2 * n ** 3 / seconds / 1e9
 
 
-def model_gflops(height, width, n_classes=4):
-    """(forward, forward + backward) GFLOPs per image, counted by torch.utils.flop_counter."""
-    model = build_fcn(n_classes)
-    x = torch.rand(2, 3, height, width)  # 2 images: train-mode BatchNorm needs more than one value per channel
-    with FlopCounterMode(display=False) as fwd:
-        logits = model(x)
-    forward = fwd.get_total_flops() / 2
-    with FlopCounterMode(display=False) as bwd:
-        F.cross_entropy(logits, torch.zeros(2, height, width, dtype=torch.long)).backward()
-    return forward / 1e9, (forward + bwd.get_total_flops() / 2) / 1e9
-
-
 def plain_port(model):
-    """``model`` as a plain port writes it: each transposed conv a stock ``nn.ConvTranspose2d`` (bias inside)."""
+    """``model`` as a plain port writes it: each transposed conv a stock ``nn.ConvTranspose2d`` (bias inside).
+    Only the book's FCN has the project's own transposed conv; other models are already stock layers."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, ConvTranspose2d):
@@ -87,16 +77,16 @@ def plain_port(model):
     return model
 
 
-def build_model(device, plain):
-    """The seeded FCN on ``device``, as a plain port (``plain``) or as the project builds it."""
+def seeded_model(name, device, plain):
+    """Model ``name``, seeded, on ``device``, as a plain port (``plain``) or as the project builds it."""
     seed_everything(0)
-    model = build_fcn()
+    model = build_model(name)
     return (plain_port(model) if plain else model).to(device)
 
 
 def measure_training(args, device, fast, plain=False):
     """Training img/s: fast settings, or float32 eager (``plain``: the plain port)."""
-    model = build_model(device, plain)
+    model = seeded_model(args.model, device, plain)
     dtype = amp_dtype(device) if fast else None
     images = torch.randint(0, 256, (args.batch_size, 3, args.height, args.width), dtype=torch.uint8)
     x = to_input(images, device, channels_last=fast)
@@ -118,7 +108,7 @@ def measure_training(args, device, fast, plain=False):
 def measure_inference(args, device, fast, plain=False, frozen=False):
     """Inference img/s: fast settings (BN folded, low-precision weights, channels_last; ``frozen``: compiled as
     by ``evaluate.py --compile``), or float32 eager."""
-    model = build_model(device, plain).eval()
+    model = seeded_model(args.model, device, plain).eval()
     dtype = amp_dtype(device) if fast else None
     if fast:
         model = inference_model(model, dtype, channels_last=True, compile=frozen)
@@ -131,9 +121,9 @@ def measure_inference(args, device, fast, plain=False, frozen=False):
 @torch.inference_mode()
 def measure_onnx(args):
     """onnxruntime CPU inference img/s of the model as export.py writes it (float32, BatchNorm folded)."""
-    model = build_model(torch.device("cpu"), plain=False).eval()
-    config = {"n_classes": 4, "depth": 56, "n_layers": 4, "height": args.height, "width": args.width,
-              "class_names": ["0", "1", "2", "3"]}
+    model = seeded_model(args.model, torch.device("cpu"), plain=False).eval()
+    config = {"n_classes": 4, "model": args.model, "model_options": model_options(args.model, args),
+              "height": args.height, "width": args.width, "class_names": ["0", "1", "2", "3"]}
     with tempfile.TemporaryDirectory() as tmp:
         session = OnnxModel(export_onnx(model, config, Path(tmp) / "model.onnx"))
     images = torch.rand(args.batch_size, 3, args.height, args.width).numpy()
@@ -165,7 +155,8 @@ def peak_memory_mb(device):
 
 def get_args_parser():
     """Flags of benchmark.py."""
-    p = argparse.ArgumentParser(description="Throughput, FLOPs and MFU of the FCN, fast path against float32 eager.")
+    p = argparse.ArgumentParser(description="Throughput, FLOPs and MFU of a model, fast path against float32 eager.")
+    p.add_argument("--model", default="fcn_resnet56v2", choices=MODELS, help="model to measure (registry.py)")
     p.add_argument("--height", type=int, default=240, help="input height")
     p.add_argument("--width", type=int, default=320, help="input width")
     p.add_argument("--batch-size", type=int, default=4, help="images per step")
@@ -191,8 +182,8 @@ def main(args):
     device = get_device(args.device)
     workers = train_parser().get_default("workers") if args.workers is None else args.workers
     torch.backends.cudnn.benchmark = True
-    fwd_gflops, train_gflops = model_gflops(args.height, args.width)
-    r = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    fwd_gflops, train_gflops = model_gflops(args.model, args.height, args.width)
+    r = {"model": args.model, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
          "height": args.height, "width": args.width, "batch_size": args.batch_size, "compile": args.compile,
          "infer_compile": args.infer_compile,
          "autocast": str(amp_dtype(device)),
@@ -230,7 +221,7 @@ def main(args):
     if args.json:
         print(json.dumps(r))
         return r
-    print(f"{device} ({r['threads']} threads), torch {r['torch']}, {args.height}x{args.width}, batch {args.batch_size}")
+    print(f"{args.model} on {device} ({r['threads']} threads), torch {r['torch']}, {args.height}x{args.width}, batch {args.batch_size}")
     print(f"model: {fwd_gflops:.2f} GFLOPs/img forward, {train_gflops:.2f} forward+backward")
     print(f"matmul peak: bf16 {r['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {r['peak_fp32_gflops']:.0f} GFLOP/s")
     print(f"{'':<12}{'plain fp32':>12}{'fp32':>8}{'fast':>8}{'speed-up':>10}{'GFLOP/s':>10}{'MFU (bf16)':>12}")

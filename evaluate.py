@@ -1,4 +1,4 @@
-"""Evaluate a trained FCN checkpoint on the drinks dataset, save predictions and figures.
+"""Evaluate a trained checkpoint (any registered model) on the drinks dataset, save predictions and figures.
 
 Metrics are computed at the dataset's native resolution (logits are resized to the label size), in both
 definitions: the book's per-image mIoU and the standard dataset-level mIoU from one confusion matrix.
@@ -273,7 +273,7 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False,
 
 def get_args_parser():
     """Flags of evaluate.py."""
-    parser = argparse.ArgumentParser(description="Evaluate an FCN checkpoint on the drinks dataset.")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint (any registered model) on the drinks dataset.")
     parser.add_argument("--weights", required=True,
                         help="checkpoint, e.g. weights/<run>/best.pt, or a .onnx file from export.py (onnxruntime)")
     parser.add_argument("--data-path", default=default_data_path(),

@@ -14,10 +14,10 @@ from torch import distributed as dist
 from torch import nn
 
 from data_generator import DataError
-from fcn import build_fcn
+from registry import DEFAULT_MODEL, ModelError, build_model
 
 BASE_LR = 1e-3
-CONFIG_KEYS = ("n_classes", "depth", "n_layers", "height", "width", "class_names")
+CONFIG_KEYS = ("n_classes", "height", "width", "class_names")
 
 
 class CheckpointError(ValueError):
@@ -32,7 +32,7 @@ class ExportError(RuntimeError):
     """An export that cannot be written or does not match the model; the message names the file."""
 
 
-USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError)
+USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError, ModelError)
 
 
 def keep_freed_memory():
@@ -97,13 +97,28 @@ def has_ema(ckpt):
     return isinstance(ckpt.get("ema"), dict)
 
 
+def checkpoint_model(cfg):
+    """(model name, its options) of a checkpoint's config. A config without a model name was written before the
+    registry existed: it is the book's FCN, whose options (depth, n_layers) are then top-level keys."""
+    if "model" in cfg:
+        return cfg["model"], dict(cfg.get("model_options", {}))
+    return DEFAULT_MODEL, {"depth": cfg["depth"], "n_layers": cfg["n_layers"]}
+
+
 def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
-    """Build the FCN a checkpoint describes and load its weights: the EMA weights when the run kept an EMA
+    """Build the model a checkpoint describes and load its weights: the EMA weights when the run kept an EMA
     (those are the ones it validated) unless ``ema`` is False; CheckpointError if they do not fit."""
     cfg = ckpt["config"]
     weights = ckpt["ema"]["model"] if ema and has_ema(ckpt) else ckpt["model"]
     try:
-        model = build_fcn(cfg["n_classes"], cfg["depth"], cfg["n_layers"])
+        name, options = checkpoint_model(cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: checkpoint config names no model and lacks {e}") from None
+    try:
+        model = build_model(name, cfg["n_classes"], **options)
+    except ModelError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
         model.load_state_dict(weights)
     except (RuntimeError, ValueError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0]

@@ -1,4 +1,4 @@
-"""Train the book's FCN (ResNet56-v2, 4-layer feature pyramid) on the drinks dataset.
+"""Train the book's FCN (ResNet56-v2, 4-layer feature pyramid), or another registered model, on the drinks dataset.
 
 Defaults are the book's recipe: 480x640 input, batch 4, 100 epochs, Adam at 1e-3 with the book's step schedule,
 cross-entropy, L2 1e-4 on the backbone's conv kernels. Each epoch is scored on a validation split of the
@@ -7,6 +7,7 @@ training annotations; the best epoch is scored on the test split at the end.
     python train.py                                   # the book's recipe, on a GPU
     python train.py --resume                          # continue weights/<run>/last.pt
     python train.py --recipe cpu                      # the CPU recipe: under 30 minutes on 2 cores
+    python train.py --recipe cpu --model lraspp_mobilenet_v3_large --epochs 40    # another model (registry.py)
     torchrun --nproc_per_node=4 train.py --sync-bn    # several GPUs
 """
 import argparse
@@ -27,10 +28,10 @@ from data_generator import AUGMENTATIONS, build_loader, default_data_path, make_
 from download import ensure_data
 from ema import ModelEMA
 from evaluate import TTA_MODES, evaluate_checkpoint, evaluate_model, to_input, write_json
-from fcn import build_fcn
-from model_utils import (BASE_LR, TrainingError, amp_dtype, barrier, broadcast_buffers, init_distributed,
-                         keep_freed_memory, load_checkpoint, make_grad_scaler, rng_state, run_cli, save_checkpoint,
-                         seed_everything, set_rng_state)
+from model_utils import (BASE_LR, TrainingError, amp_dtype, barrier, broadcast_buffers, checkpoint_model,
+                         init_distributed, keep_freed_memory, load_checkpoint, make_grad_scaler, rng_state, run_cli,
+                         save_checkpoint, seed_everything, set_rng_state)
+from registry import MODELS, build_model, load_backbone_, model_options, read_backbone_weights, run_name
 from resnet import L2_WEIGHT
 from schedules import SCHEDULES, learning_rate, set_lr
 
@@ -47,7 +48,7 @@ CPU_COMMAND = "python train.py --recipe cpu"
 
 def default_run_name(args):
     """A name built from the model and the recipe, e.g. ``fcn-resnet56v2-4layer-drinks`` (``...-cpu``)."""
-    name = f"fcn-resnet{args.depth}v2-{args.n_layers}layer-drinks"
+    name = f"{run_name(args.model, model_options(args.model, args))}-drinks"
     return f"{name}-{args.recipe}" if args.recipe else name
 
 
@@ -183,8 +184,9 @@ def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, b
     return {
         **extra,
         "model": model.state_dict(),
-        "config": {"n_classes": len(class_names), "depth": args.depth, "n_layers": args.n_layers,
-                   "height": args.height, "width": args.width, "class_names": list(class_names)},
+        "config": {"n_classes": len(class_names), "model": args.model,
+                   "model_options": model_options(args.model, args), "height": args.height, "width": args.width,
+                   "class_names": list(class_names)},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
@@ -245,7 +247,7 @@ def ema_decay(text):
 
 def get_args_parser():
     """Flags of train.py; defaults are the book's recipe."""
-    p = RecipeArgumentParser(description="Train the FCN / ResNet-v2 of the book on the drinks dataset.")
+    p = RecipeArgumentParser(description="Train the book's FCN / ResNet-v2, or another registered model, on the drinks dataset.")
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="a named recipe that sets the defaults of its flags (explicit flags still win); "
                         + "; ".join(f"{name}: {recipe_flags(name)}" for name in RECIPES)
@@ -264,8 +266,14 @@ def get_args_parser():
     p.add_argument("--l2", type=float, default=L2_WEIGHT, help="the book's L2 coefficient on the backbone's kernels")
     p.add_argument("--height", type=int, default=480, help="input height the images are resized to")
     p.add_argument("--width", type=int, default=640, help="input width the images are resized to")
-    p.add_argument("--depth", type=int, default=56, help="ResNet-v2 depth, 9n + 2")
-    p.add_argument("--n-layers", type=int, default=4, help="feature pyramid layers")
+    p.add_argument("--model", default="fcn_resnet56v2", choices=MODELS,
+                   help="model to train (registry.py): " + "; ".join(f"{k}: {v.about}" for k, v in MODELS.items()))
+    p.add_argument("--pretrained-backbone", default=None, metavar="PATH|imagenet",
+                   help="start the backbone from a local state_dict file (the backbone's or its ImageNet "
+                        "classifier's), or from torchvision's ImageNet weights (imagenet: downloads; not for "
+                        "fcn_resnet56v2 or unet) (default: none, from scratch as the book)")
+    p.add_argument("--depth", type=int, default=56, help="ResNet-v2 depth, 9n + 2 (fcn_resnet56v2 only)")
+    p.add_argument("--n-layers", type=int, default=4, help="feature pyramid layers (fcn_resnet56v2 only)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
     p.add_argument("--run-name", default=None, help="output name (default: built from the model)")
     p.add_argument("--output-dir", default="weights", help="checkpoints and logs go to <output-dir>/<run-name>")
@@ -321,6 +329,10 @@ def _train(args, info, device):
     last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
     if last_path.exists() and not args.resume:
         raise TrainingError(f"{last_path} exists: pass --resume to continue that run, or choose another --run-name")
+    ckpt = load_checkpoint(last_path, map_location=device) if args.resume and last_path.exists() else None
+    if ckpt is not None and checkpoint_model(ckpt["config"]) != (args.model, model_options(args.model, args)):
+        raise TrainingError(f"{last_path} holds {checkpoint_model(ckpt['config'])}, not this run's "
+                            f"{args.model} {model_options(args.model, args)}: resume with the same model flags")
     dtype = amp_dtype(device, args.amp)
     if info.is_main:
         print(json.dumps(vars(args), indent=2))
@@ -340,7 +352,11 @@ def _train(args, info, device):
         raise TrainingError(f"{len(train_set)} training images give no full batch of {args.batch_size} "
                             f"per process: lower --batch-size")
 
-    model = build_fcn(len(class_names), args.depth, args.n_layers).to(device)
+    model = build_model(args.model, len(class_names), **model_options(args.model, args))
+    if args.pretrained_backbone and ckpt is None:
+        state = read_backbone_weights(args.model, args.pretrained_backbone)
+        load_backbone_(model, args.model, state, args.pretrained_backbone)
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args.lr, args.l2)
@@ -348,7 +364,6 @@ def _train(args, info, device):
     criterion = build_criterion()
     start_epoch, start_step, best = 0, 0, -1.0
     loss_state = torch.zeros(2, dtype=torch.float64, device=device)
-    ckpt = load_checkpoint(last_path, map_location=device) if args.resume and last_path.exists() else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

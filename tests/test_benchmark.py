@@ -24,6 +24,18 @@ def test_benchmark_reports_every_field(drinks, capsys):
     assert '"train_img_s"' in capsys.readouterr().out
 
 
+def test_benchmark_of_a_torchvision_model(drinks):
+    args = benchmark.get_args_parser().parse_args([
+        "--model", "lraspp_mobilenet_v3_large", "--height", "64", "--width", "64", "--batch-size", "2", "--steps", "1",
+        "--warmup", "1", "--device", "cpu", "--no-infer-compile", "--data-path", str(drinks), "--workers", "0",
+        "--data-images", "4", "--json"])
+    r = benchmark.main(args)
+    assert r["model"] == "lraspp_mobilenet_v3_large"
+    assert r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["onnx_infer_img_s"] > 0
+    # its depthwise convs' weight gradients are counted once, not once per channel
+    assert 2.5 < r["train_gflops_per_img"] / r["gflops_per_img"] < 3.5
+
+
 def test_plain_port_is_the_same_network_with_stock_layers():
     torch.manual_seed(0)
     model = build_fcn(depth=11).eval()

@@ -157,13 +157,15 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, drinks):
         train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 8, "--epochs", 1))
 
 
-def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, drinks):
-    """5 validation images over 2 ranks: padding would count one twice (pytorch/vision#4559)."""
+@pytest.mark.parametrize("model", ["fcn_resnet56v2", "lraspp_mobilenet_v3_large"])
+def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, drinks, model):
+    """5 validation images over 2 ranks: padding would count one twice (pytorch/vision#4559). DDP wraps any
+    registered model the same way; a torchvision one shows no parameter goes unused (no auxiliary head)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--data-path", str(drinks), "--output-dir", str(tmp_path / "w"), "--figures-dir", str(tmp_path / "f"),
            "--run-name", "ddp", "--height", "32", "--width", "40", "--limit", "16", "--val-fraction", "0.005",
-           "--epochs", "1", "--workers", "0", "--no-test", "--no-amp", "--batch-size", "2"]
+           "--epochs", "1", "--workers", "0", "--no-test", "--no-amp", "--batch-size", "2", "--model", model]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     reported = json.loads((tmp_path / "w" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["val"]
