@@ -51,6 +51,15 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, figure_path, title=None):
+    """Title (if any), tight layout, then write the PNG through a temporary name and close the figure."""
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, figure_path, dpi=90)
+    plt.close(fig)
+
+
 def plot_curves(metrics_path, figure_path):
     """Redraw training loss and validation mIoU (both definitions) per epoch from metrics.jsonl."""
     plt = _pyplot()
@@ -88,11 +97,7 @@ def plot_time_to_accuracy(runs, figure_path, title=None):
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, figure_path, dpi=90)
-    plt.close(fig)
+    _finish(plt, fig, ax, figure_path, title)
 
 
 def read_model_point(run_dir):
@@ -102,7 +107,7 @@ def read_model_point(run_dir):
     try:
         config = json.loads((run_dir / "config.json").read_text())
         test = json.loads((run_dir / "test_metrics.json").read_text())
-        name = config.get("model") or checkpoint_model(config)[0]
+        name = checkpoint_model(config)[0]
         size = config["height"], config["width"]
         score = test["miou_per_image"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
@@ -123,11 +128,7 @@ def plot_models(run_dirs, figure_path, title=None):
     ax.set_ylabel("test mIoU per image (book)")
     ax.margins(x=0.25, y=0.15)
     ax.grid(alpha=0.3, which="both")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, figure_path, dpi=90)
-    plt.close(fig)
+    _finish(plt, fig, ax, figure_path, title)
 
 
 def labelled_run(text):

@@ -330,9 +330,10 @@ def _train(args, info, device):
     if last_path.exists() and not args.resume:
         raise TrainingError(f"{last_path} exists: pass --resume to continue that run, or choose another --run-name")
     ckpt = load_checkpoint(last_path, map_location=device) if args.resume and last_path.exists() else None
-    if ckpt is not None and checkpoint_model(ckpt["config"]) != (args.model, model_options(args.model, args)):
-        raise TrainingError(f"{last_path} holds {checkpoint_model(ckpt['config'])}, not this run's "
-                            f"{args.model} {model_options(args.model, args)}: resume with the same model flags")
+    wanted = (args.model, model_options(args.model, args))
+    if ckpt is not None and checkpoint_model(ckpt["config"]) != wanted:
+        raise TrainingError(f"{last_path} holds {checkpoint_model(ckpt['config'])}, not this run's {wanted}: "
+                            f"resume with the same model flags")
     dtype = amp_dtype(device, args.amp)
     if info.is_main:
         print(json.dumps(vars(args), indent=2))
