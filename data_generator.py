@@ -435,8 +435,15 @@ def build_loader(dataset, batch_size, train, workers=2, seed=0, rank=0, world=1,
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         drop_last=train, persistent_workers=workers > 0, collate_fn=None if train else collate_eval,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None, multiprocessing_context=loader_context(workers),
     )
+
+
+def loader_context(workers):
+    """"fork" on Linux: forked workers share the decoded image cache with the parent, page by page, whereas
+    spawn and forkserver (Python 3.14's default on Linux) would pickle all of it into every worker. None (the
+    platform's default) elsewhere, and without workers."""
+    return "fork" if workers > 0 and sys.platform.startswith("linux") else None
 
 
 def make_dataset(data_path, split, height, width, augment="full", val_fraction=0.1, seed=0, limit=None,

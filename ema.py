@@ -32,12 +32,14 @@ class ModelEMA:
     def update(self, model):
         """Move the EMA towards ``model``'s current state (call after each optimizer step)."""
         d = self.current_decay()
-        ema_state = self.module.state_dict()
-        for name, value in model.state_dict().items():
-            if value.is_floating_point():
-                ema_state[name].lerp_(value, 1.0 - d)  # state_dict tensors share the modules' storage
-            else:
-                ema_state[name].copy_(value)
+        ema_state = self.module.state_dict()  # its tensors share the modules' storage
+        pairs = [(ema_state[name], value) for name, value in model.state_dict().items()]
+        floats = [pair for pair in pairs if pair[1].is_floating_point()]
+        ints = [pair for pair in pairs if not pair[1].is_floating_point()]
+        # one multi-tensor kernel for all the weights, not one kernel per tensor
+        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)
+        if ints:
+            torch._foreach_copy_([e for e, _ in ints], [v for _, v in ints])
         self.updates += 1
 
     def state_dict(self):

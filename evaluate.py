@@ -23,7 +23,6 @@ from data_generator import (DataError, PALETTE, build_loader, default_data_path,
                             read_image, save_figure)
 from model_utils import (CheckpointError, SegmentationMetrics, amp_dtype, format_metrics_table, get_device,
                          has_ema, inference_model, keep_freed_memory, load_checkpoint, model_from_checkpoint, run_cli)
-from onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 TTA_MODES = ("none", "flip")
@@ -61,14 +60,19 @@ def upsample_argmax(logits, size):
 
 def predictor(model, dtype=None, channels_last=False, compile=False):
     """The fast inference form of ``model`` (see model_utils.inference_model); an exported model already is one."""
-    if isinstance(model, OnnxModel):
+    if is_exported(model):
         return model
     return inference_model(model, dtype, channels_last, compile)
 
 
 def input_dtype(model, device, amp=True):
     """The dtype ``model``'s inputs are cast to: the autocast dtype, float32 (None) for an exported model."""
-    return None if isinstance(model, OnnxModel) else amp_dtype(device, amp)
+    return None if is_exported(model) else amp_dtype(device, amp)
+
+
+def is_exported(model):
+    """Whether ``model`` is an exported model (onnx_model.OnnxModel, run by onnxruntime) rather than PyTorch's."""
+    return not isinstance(model, torch.nn.Module)
 
 
 @torch.inference_mode()
@@ -181,6 +185,8 @@ def load_model(weights, device, ema=True):
     dict of its metadata: the config, and the split's validation fraction and seed as ``args``.
     """
     if Path(weights).suffix.lower() == ".onnx":
+        from onnx_model import OnnxModel  # onnx and onnxruntime are needed only where an exported file is read
+
         model = OnnxModel(weights)
         return model, {"config": model.config, "args": model.train_split}
     ckpt = load_checkpoint(weights)

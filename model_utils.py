@@ -135,21 +135,27 @@ def rng_state():
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's GPU only: a run resumed on fewer GPUs than it was saved from must find it
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
-    """Restore what ``rng_state`` returned."""
+    """Restore what ``rng_state`` returned, whatever device its tensors were loaded onto.
+
+    The CUDA state goes to this process's GPU. A checkpoint written before states were saved per process holds
+    a list, one per GPU the run saw: its first entry is used, so it resumes on any number of GPUs.
+    """
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state((cuda[0] if isinstance(cuda, (list, tuple)) else cuda).cpu())
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -165,6 +171,13 @@ def seed_everything(seed, deterministic=False):
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+
+
+def default_workers(cap=8):
+    """Data loader workers per process: this machine's cores shared among its training processes (torchrun's
+    LOCAL_WORLD_SIZE), at most ``cap``, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 def get_device(name=None):
@@ -186,12 +199,21 @@ def cpu_has_bf16():
         return False
 
 
+def cuda_has_bf16(device):
+    """Whether the GPU has native bf16 tensor cores (compute capability 8.0, Ampere, or later).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (T4, V100), which is slower
+    there than fp16 with loss scaling.
+    """
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def amp_dtype(device, enabled=True):
     """Mixed-precision dtype for ``device``: bf16 where supported, fp16 on GPUs without bf16, else None."""
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_bf16() else None
     return None
@@ -200,6 +222,13 @@ def amp_dtype(device, enabled=True):
 def make_grad_scaler(device, dtype):
     """A GradScaler, enabled only for fp16 (bf16 has fp32's range and needs no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def restore_grad_scaler(scaler, state):
+    """Load a saved GradScaler state into ``scaler``. A run saved under bf16 or on a CPU saved a disabled
+    scaler's empty state: an fp16 run resuming it starts its scaler afresh (loss scale 65536), as a new run."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 def inference_model(model, dtype=None, channels_last=True, compile=False):
@@ -290,9 +319,15 @@ def broadcast_buffers(model):
 # --------------------------------------------------------------------------------------------------- metrics
 
 def confusion_matrix(pred, target, n_classes):
-    """(n_classes, n_classes) int64 counts, rows ground truth, columns prediction."""
+    """(n_classes, n_classes) int64 counts, rows ground truth, columns prediction.
+
+    A scatter-add rather than ``torch.bincount``, which on a GPU reads the largest index back to the host (a
+    sync per image); this stays on the device.
+    """
     idx = target.reshape(-1).long() * n_classes + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    counts = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=idx.device)
+    counts.index_add_(0, idx, torch.ones_like(idx))
+    return counts.reshape(n_classes, n_classes)
 
 
 def _safe_div(num, den):

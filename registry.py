@@ -48,7 +48,8 @@ def fold_conv_bn_(module):
             pairs = [(name, "bn" + name[4:]) for name in names if name.startswith("conv") and "bn" + name[4:] in names]
         for conv_name, bn_name in pairs:
             conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            # _BatchNorm: BatchNorm2d and the SyncBatchNorm that train.py --sync-bn converts it to
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
                 setattr(parent, bn_name, nn.Identity())
     return module

@@ -29,7 +29,8 @@ from download import ensure_data
 from ema import ModelEMA
 from evaluate import TTA_MODES, evaluate_checkpoint, evaluate_model, to_input, write_json
 from model_utils import (BASE_LR, TrainingError, amp_dtype, barrier, broadcast_buffers, checkpoint_model,
-                         init_distributed, keep_freed_memory, load_checkpoint, make_grad_scaler, rng_state, run_cli,
+                         default_workers, init_distributed, keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler, rng_state,
+                         run_cli,
                          save_checkpoint, seed_everything, set_rng_state)
 from registry import MODELS, build_model, load_backbone_, model_options, read_backbone_weights, run_name
 from resnet import L2_WEIGHT
@@ -158,7 +159,9 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
         step += 1
         seen += images.shape[0] * world_size
         bar.update(1)
-        if step % CHECK_EVERY == 0 or step == steps or stop.requested:
+        # under DDP every rank must reach the all_reduce below at the same steps, whichever rank saw Ctrl-C and
+        # when: a rank that entered it alone would pair it with the others' gradient all_reduce and hang
+        if step % CHECK_EVERY == 0 or step == steps or (stop.requested and world_size == 1):
             flags = torch.tensor([float(stop.requested), 0.0 if torch.isfinite(loss_state[0]) else 1.0], device=device)
             if world_size > 1:
                 dist.all_reduce(flags)
@@ -274,7 +277,9 @@ def get_args_parser():
                         "fcn_resnet56v2 or unet) (default: none, from scratch as the book)")
     p.add_argument("--depth", type=int, default=56, help="ResNet-v2 depth, 9n + 2 (fcn_resnet56v2 only)")
     p.add_argument("--n-layers", type=int, default=4, help="feature pyramid layers (fcn_resnet56v2 only)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="training data loader worker processes per process (default: the cores, shared among "
+                        "torchrun's processes on this machine, at most 8); validation uses at most 2")
     p.add_argument("--run-name", default=None, help="output name (default: built from the model)")
     p.add_argument("--output-dir", default="weights", help="checkpoints and logs go to <output-dir>/<run-name>")
     p.add_argument("--figures-dir", default="figures", help="figures go to <figures-dir>/<run-name>")
@@ -329,7 +334,9 @@ def _train(args, info, device):
     last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
     if last_path.exists() and not args.resume:
         raise TrainingError(f"{last_path} exists: pass --resume to continue that run, or choose another --run-name")
-    ckpt = load_checkpoint(last_path, map_location=device) if args.resume and last_path.exists() else None
+    # loaded onto the CPU: load_state_dict copies weights and optimizer state to the model's device, and the RNG
+    # states must be CPU tensors whatever device the run trains on
+    ckpt = load_checkpoint(last_path) if args.resume and last_path.exists() else None
     wanted = (args.model, model_options(args.model, args))
     if ckpt is not None and checkpoint_model(ckpt["config"]) != wanted:
         raise TrainingError(f"{last_path} holds {checkpoint_model(ckpt['config'])}, not this run's {wanted}: "
@@ -348,7 +355,9 @@ def _train(args, info, device):
     val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.seed,
                               workers=args.workers)
     train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
-    val_loader = build_loader(val_set, args.batch_size, False, args.workers, args.seed, info.rank, info.world_size)
+    # validation only resizes 100 images an epoch: two workers keep up, and idle persistent ones cost memory
+    val_loader = build_loader(val_set, args.batch_size, False, min(2, args.workers), args.seed, info.rank,
+                              info.world_size)
     if len(train_loader) == 0:
         raise TrainingError(f"{len(train_set)} training images give no full batch of {args.batch_size} "
                             f"per process: lower --batch-size")
@@ -368,7 +377,7 @@ def _train(args, info, device):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_grad_scaler(scaler, ckpt["scaler"])
         start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_miou"]
         loss_state = ckpt["loss_state"].to(device)
         set_rng_state(ckpt["rng"])

@@ -81,7 +81,7 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Sequential):
                 for i in range(len(m) - 1):
-                    if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
+                    if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.modules.batchnorm._BatchNorm):
                         m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
                         m[i + 1] = nn.Identity()
         return self

@@ -1,10 +1,12 @@
 """benchmark.py runs and reports every field (its numbers are measurements, not asserted targets)."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import benchmark
+import flops
 from fcn import build_fcn
 from resnet import ConvTranspose2d
 
@@ -46,3 +48,36 @@ def test_plain_port_is_the_same_network_with_stock_layers():
     assert plain.state_dict().keys() == model.state_dict().keys()
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x))
+
+
+def test_flops_are_counted_on_the_meta_device_at_any_size():
+    """Counting allocates nothing: at 4800x6400 real tensors would need tens of GB. Convolution FLOPs grow with the
+    pixels, so the count is 2500 times the one at 96x128 (13.38 / 40.13 GFLOPs, counted on real tensors before)."""
+    small = flops.model_gflops("fcn_resnet56v2", 96, 128)
+    assert small == pytest.approx((13.38, 40.13), abs=0.01)
+    large = flops.model_gflops("fcn_resnet56v2", 4800, 6400)
+    assert large == pytest.approx((2500 * small[0], 2500 * small[1]), rel=1e-3)
+
+
+def test_data_pipeline_is_timed_for_each_worker_count(drinks):
+    args = benchmark.get_args_parser().parse_args([
+        "--data-only", "--height", "48", "--width", "64", "--device", "cpu", "--data-path", str(drinks),
+        "--workers", "0", "1", "--data-images", "8", "--json"])
+    r = benchmark.main(args)
+    assert set(r["data_img_s_by_workers"]) == {"0", "1"} and all(v > 0 for v in r["data_img_s_by_workers"].values())
+    assert r["data_img_s"] == r["data_img_s_by_workers"]["1"] and r["data_workers"] == 1
+    assert "train_img_s" not in r  # no model measured
+
+
+def test_gpu_defaults_time_long_enough_and_compile_once(monkeypatch):
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    parse = benchmark.get_args_parser().parse_args
+    args = benchmark.resolve_args(parse([]), gpu)
+    assert (args.steps, args.warmup, args.infer_compile) == (20, 5, False)
+    assert benchmark.resolve_args(parse(["--compile"]), cpu).infer_compile is False
+    assert benchmark.resolve_args(parse([]), cpu).infer_compile is True
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert benchmark.datasheet_gflops(gpu) == 989e3
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert benchmark.datasheet_gflops(gpu) == 756e3
+    assert benchmark.datasheet_gflops(cpu) is None

@@ -380,3 +380,13 @@ def test_cli_error_is_one_line_and_non_zero(tmp_path):
                          capture_output=True, text=True, cwd=dg.Path(dg.__file__).parent)
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "nowhere: data folder not found" in out.stderr
+
+
+def test_loader_workers_fork_so_the_image_cache_is_shared(drinks):
+    """Spawn or forkserver (Python 3.14's default on Linux) would pickle the decoded images into every worker."""
+    dataset, _ = dg.make_dataset(drinks, "test", 32, 48, augment="none", limit=4, workers=0)
+    loader = dg.build_loader(dataset, 2, train=False, workers=1)
+    if sys.platform.startswith("linux"):
+        assert loader.multiprocessing_context.get_start_method() == "fork"
+    assert sum(len(masks) for _, masks in loader) == 4
+    assert dg.build_loader(dataset, 2, train=False, workers=0).multiprocessing_context is None

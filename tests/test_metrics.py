@@ -143,3 +143,45 @@ def test_amp_choice():
     assert mu.amp_dtype(cpu, enabled=False) is None
     assert mu.amp_dtype(cpu) == (torch.bfloat16 if mu.cpu_has_bf16() else None)
     assert not mu.make_grad_scaler(cpu, torch.bfloat16).is_enabled()
+
+
+def test_confusion_matrix_counts_every_pixel_pair():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 4, (37, 41), generator=g), torch.randint(0, 4, (37, 41), generator=g)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+        expected[t, p] += 1
+    got = mu.confusion_matrix(pred.to(torch.uint8), target.to(torch.uint8), 4)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+
+
+def test_an_fp16_run_resumes_a_scaler_state_saved_disabled():
+    """A bf16 or CPU run saves a disabled GradScaler's empty state; resumed where fp16 is used (a pre-Ampere GPU)
+    the enabled scaler starts afresh instead of failing, and a real fp16 state is restored."""
+    saved_disabled = mu.make_grad_scaler(torch.device("cpu"), torch.bfloat16).state_dict()
+    assert saved_disabled == {}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    mu.restore_grad_scaler(scaler, saved_disabled)
+    assert scaler.get_scale() == 65536.0
+    mu.restore_grad_scaler(scaler, {**torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()})
+    assert scaler.get_scale() == 1024.0
+
+
+def test_rng_state_restores_from_a_checkpoint_of_several_gpus():
+    """An older last.pt holds one CUDA state per GPU it saw; the CPU states restore and the list is accepted."""
+    state = mu.rng_state()
+    a = torch.rand(3)
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 4 if not torch.cuda.is_available() else \
+        [torch.cuda.get_rng_state()] * 4
+    mu.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_workers_are_shared_among_the_processes_of_a_machine(monkeypatch):
+    monkeypatch.setattr(mu.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert mu.default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert mu.default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert mu.default_workers() == 1

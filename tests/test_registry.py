@@ -57,6 +57,23 @@ def test_folding_batchnorm_keeps_every_model_s_output(name):
     assert agree > 0.97
 
 
+@pytest.mark.parametrize("name", ["fcn_resnet56v2", "unet", "lraspp_mobilenet_v3_large"])
+@torch.no_grad()
+def test_folding_also_folds_the_sync_batchnorm_of_a_sync_bn_run(name):
+    """train.py --sync-bn converts BatchNorm2d to SyncBatchNorm; those checkpoints' models fold all the same."""
+    torch.manual_seed(0)
+    model = _with_bn_statistics(build_model(name))
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    fused = synced.fuse_bn_()
+
+    def left(m):  # BatchNorm layers not folded (the pre-activation ResNet's that follow a residual sum)
+        return sum(isinstance(b, torch.nn.modules.batchnorm._BatchNorm) for b in m.modules())
+    assert left(fused) == left(copy.deepcopy(model).fuse_bn_()) < left(model)
+    x = torch.rand(2, 3, 64, 96)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_has_l2_kernels_in_its_backbone(name):
     model = build_model(name)
