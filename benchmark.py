@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_generator import DataError, build_loader, default_data_path, make_dataset
-from evaluate import to_input
-from flops import model_gflops
-from model_utils import (BASE_LR, amp_dtype, default_workers, get_device, inference_model, keep_freed_memory,
-                         make_grad_scaler, run_cli, seed_everything)
-from registry import MODELS, build_model, model_options
+from data_generator import build_loader, default_data_path, make_dataset
+from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory,
+                         make_grad_scaler, seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
-from train import build_criterion, build_optimizer, train_step
+from seglib.engine import build_criterion, build_optimizer, train_step
+from seglib.errors import DataError, run_cli
+from seglib.flops import model_gflops
+from seglib.inference import to_input
+from seglib.registry import MODELS, build_model, model_options
+from seglib.schedules import BASE_LR
 
 
 def sync(device):
@@ -148,7 +150,7 @@ def measure_inference(args, device, fast, plain=False, frozen=False):
 @torch.inference_mode()
 def measure_onnx(args):
     """onnxruntime CPU inference img/s of the model as export.py writes it (float32, BatchNorm folded)."""
-    from onnx_model import OnnxModel, export_onnx  # only this measurement needs onnx and onnxruntime
+    from seglib.onnx_model import OnnxModel, export_onnx  # only this measurement needs onnx and onnxruntime
 
     model = seeded_model(args.model, torch.device("cpu"), plain=False).eval()
     config = {"n_classes": 4, "model": args.model, "model_options": model_options(args.model, args),
@@ -176,8 +178,10 @@ def measure_data(args, dataset, workers):
 
 
 def measure_data_rates(args, workers):
-    """{workers: img/s} of the training data pipeline for each worker count, on one decoded dataset."""
-    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, "full", workers=max(workers))
+    """{workers: img/s} of the training data pipeline for each worker count, on one decoded dataset of the images
+    it needs (a first batch while the workers start, then ``data_images``)."""
+    dataset, _ = make_dataset(args.data_path, "train", args.height, args.width, "full",
+                              limit=args.data_images + 2 * args.batch_size, workers=max(1, *workers))
     return {str(w): measure_data(args, dataset, w) for w in workers}
 
 
@@ -207,7 +211,7 @@ def with_peak_memory(r, name, device, measure):
 def get_args_parser():
     """Flags of benchmark.py."""
     p = argparse.ArgumentParser(description="Throughput, FLOPs and MFU of a model, fast path against float32 eager.")
-    p.add_argument("--model", default="fcn_resnet56v2", choices=MODELS, help="model to measure (registry.py)")
+    p.add_argument("--model", default="fcn_resnet56v2", choices=MODELS, help="model to measure (seglib/registry.py)")
     p.add_argument("--height", type=int, default=240, help="input height")
     p.add_argument("--width", type=int, default=320, help="input width")
     p.add_argument("--batch-size", type=int, default=4, help="images per step")

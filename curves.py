@@ -1,4 +1,4 @@
-"""Figures of training runs: one run's curves from its ``metrics.jsonl`` (train.py draws them every epoch),
+"""Figures across training runs (one run's curves are seglib.plots.plot_curves, drawn by train.py every epoch):
 validation mIoU against wall-clock minutes for several runs (time to accuracy), and test mIoU against inference
 cost for runs of different models.
 
@@ -15,25 +15,11 @@ import itertools
 import json
 from pathlib import Path
 
-from data_generator import DataError, save_figure
-from flops import model_gflops
-from model_utils import checkpoint_model, run_cli
-
-
-def read_metrics(path):
-    """The records of a ``metrics.jsonl`` (or of the one in a run folder), one dict per epoch."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path}: no metrics.jsonl there")
-    try:
-        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not JSON lines ({e})") from None
-    if not rows or not all({"epoch", "seconds", "val"} <= set(r) for r in rows):
-        raise DataError(f"{path}: no epoch records with 'epoch', 'seconds' and 'val'")
-    return rows
+from seglib.errors import DataError, run_cli
+from seglib.files import read_metrics
+from seglib.flops import model_gflops
+from seglib.plots import finish_figure, pyplot
+from seglib.registry import checkpoint_model
 
 
 def time_to_accuracy(rows, key="miou_per_image"):
@@ -42,49 +28,9 @@ def time_to_accuracy(rows, key="miou_per_image"):
     return minutes, [r["val"][key] for r in rows]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _finish(plt, fig, ax, figure_path, title=None):
-    """Title (if any), tight layout, then write the PNG through a temporary name and close the figure."""
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, figure_path, dpi=90)
-    plt.close(fig)
-
-
-def plot_curves(metrics_path, figure_path):
-    """Redraw training loss and validation mIoU (both definitions) per epoch from metrics.jsonl."""
-    plt = _pyplot()
-    rows = read_metrics(metrics_path)
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o", ms=3)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss")
-    ax1.set_yscale("log")
-    ax1.grid(alpha=0.3)
-    ax2.plot(epochs, [r["val"]["miou_per_image"] for r in rows], marker="o", ms=3, label="mIoU per image (book)")
-    ax2.plot(epochs, [r["val"]["miou"] for r in rows], marker="s", ms=3, label="mIoU (dataset)")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation mIoU")
-    ax2.grid(alpha=0.3)
-    ax2.legend(loc="lower right")
-    fig.tight_layout()
-    save_figure(fig, figure_path)
-    plt.close(fig)
-
-
 def plot_time_to_accuracy(runs, figure_path, title=None):
     """Validation mIoU per image against wall-clock minutes; ``runs`` is a list of (label, metrics path)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     colours = {}
     for label, path in runs:
@@ -97,7 +43,7 @@ def plot_time_to_accuracy(runs, figure_path, title=None):
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    _finish(plt, fig, ax, figure_path, title)
+    finish_figure(plt, fig, ax, figure_path, title)
 
 
 def read_model_point(run_dir):
@@ -117,7 +63,7 @@ def read_model_point(run_dir):
 
 def plot_models(run_dirs, figure_path, title=None):
     """Test mIoU per image against forward GFLOPs per image (log scale), one labelled point per run."""
-    plt = _pyplot()
+    plt = pyplot()
     points = [read_model_point(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, (name, gflops, score) in enumerate(points):
@@ -128,7 +74,7 @@ def plot_models(run_dirs, figure_path, title=None):
     ax.set_ylabel("test mIoU per image (book)")
     ax.margins(x=0.25, y=0.15)
     ax.grid(alpha=0.3, which="both")
-    _finish(plt, fig, ax, figure_path, title)
+    finish_figure(plt, fig, ax, figure_path, title)
 
 
 def labelled_run(text):

@@ -1,8 +1,10 @@
-"""The drinks dataset: VIA polygon annotations -> (image, class-map mask) pairs, transforms and loaders.
+"""The drinks dataset: its annotated images and class maps, the seeded validation split, the datasets and loaders
+that serve (image, class-map mask) pairs, and the dataset check.
 
-Reads ``segmentation_train.json`` / ``segmentation_test.json`` (VGG Image Annotator 2 format) from the data
-folder, rasterises each region into an (H, W) class map (0 background, 1 Water, 2 Soda, 3 Juice) once, and
-serves images with joint image/mask transforms. The data folder is only ever read.
+Reads ``segmentation_train.json`` / ``segmentation_test.json`` (VGG Image Annotator 2 format, parsed by
+seglib/via.py) from the data folder, rasterises each region into an (H, W) class map (0 background, 1 Water,
+2 Soda, 3 Juice) once, and serves images through joint image/mask transforms (seglib/joint_transforms.py). The
+data folder is only ever read.
 
 Check a split, the first thing to run on new data: every image is decoded and every region filled, and every
 broken file, entry or region is listed at once (then exit status 1). Then a summary of the split is printed
@@ -11,7 +13,7 @@ broken file, entry or region is listed at once (then exit status 1). Then a summ
     python data_generator.py --data-path ../shared/datasets/drinks --split test
     python data_generator.py --split train --json
     python data_generator.py --split test --figure figures/test_annotations.png
-    python data_generator.py --download            # fetch the dataset into dataset/drinks (see download.py)
+    python data_generator.py --download            # fetch the dataset into dataset/drinks (seglib/download.py)
 """
 import argparse
 import json
@@ -23,24 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
-DEFAULT_DATA_PATH = "dataset/drinks"
-DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")
-ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}
-AUGMENTATIONS = ("full", "flip", "none")  # see train_transform
-# Background black, as in the book's figures; then one clear colour per drink, then more for datasets with
-# more classes (the figures' legends need one per class).
-PALETTE = ((0, 0, 0), (30, 144, 255), (220, 20, 60), (255, 165, 0), (50, 205, 50), (148, 0, 211), (0, 206, 209),
-           (255, 105, 180), (139, 69, 19), (255, 255, 0), (128, 128, 128), (0, 0, 139), (0, 100, 0), (255, 127, 80),
-           (75, 0, 130), (189, 183, 107))
-
-
-class DataError(ValueError):
-    """A problem with the dataset on disk; the message names the file and says what is wrong."""
+from seglib.download import ANNOTATION_FILES, DEFAULT_DATA_PATH, download_drinks
+from seglib.errors import DataError, run_cli
+from seglib.files import image_size, read_image
+from seglib.joint_transforms import eval_transform, train_transform
+from seglib.plots import save_annotation_figure
+from seglib.via import DEFAULT_CLASS_NAMES, shape_pixels, rasterise, read_legacy_masks, read_via
 
 
 def default_data_path():
@@ -48,187 +41,7 @@ def default_data_path():
     return os.environ.get("DRINKS_DATA") or DEFAULT_DATA_PATH
 
 
-# --------------------------------------------------------------------------------------------------- annotations
-
-def _read_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"{path}: annotation file is empty")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
-
-
-def _class_attribute(via, path):
-    """(region attribute name, class names) from VIA's ``_via_attributes``, defaulting to the drinks classes."""
-    region_attrs = via.get("_via_attributes", {}).get("region", {}) if isinstance(via, dict) else {}
-    if not region_attrs:
-        return "Name", list(DEFAULT_CLASS_NAMES)
-    key = "Name" if "Name" in region_attrs else next(iter(region_attrs))
-    options = region_attrs[key].get("options") or {}
-    if not options:
-        return key, list(DEFAULT_CLASS_NAMES)
-    try:
-        ids = sorted(int(k) for k in options)
-    except ValueError:
-        raise DataError(f"{path}: class options of attribute {key!r} must be integer ids, got {list(options)}") from None
-    if ids != list(range(1, len(ids) + 1)):
-        raise DataError(f"{path}: class ids of attribute {key!r} must be 1..N, got {ids}")
-    return key, ["background"] + [str(options[str(i)]) for i in ids]
-
-
-def read_via(path, problems=None):
-    """Parse a VIA 2 project or annotation export.
-
-    Returns ``(class_names, entries)`` where entries is a list of ``(filename, regions)`` in file order, each
-    region a ``(shape_attributes, class_id)`` pair. Raises DataError naming the file and entry on bad input;
-    with a ``problems`` list, a bad entry or region is appended to it as a message and left out instead.
-    """
-    via = _read_json(path)
-    if not isinstance(via, dict):
-        raise DataError(f"{path}: expected a VIA JSON object, got {type(via).__name__}")
-    metadata = via.get("_via_img_metadata", via)  # a project file, or the bare "export as json" dict
-    key, class_names = _class_attribute(via, path)
-    entries = []
-    for entry_key, item in metadata.items():
-        if entry_key.startswith("_via_"):
-            continue
-        try:
-            if not isinstance(item, dict) or "filename" not in item:
-                raise DataError(f"{path}: entry {entry_key!r} has no 'filename'")
-            regions = [_read_region(region, key, class_names, f"{path}: entry {item['filename']!r} region {i}",
-                                    problems) for i, region in enumerate(item.get("regions") or [])]
-        except DataError as e:
-            if problems is None:
-                raise
-            problems.append(str(e))
-            continue
-        entries.append((item["filename"], [r for r in regions if r is not None]))
-    if not entries and not problems:
-        raise DataError(f"{path}: no annotated images in the file")
-    return class_names, entries
-
-
-def _read_region(region, key, class_names, where, problems=None):
-    """``(shape_attributes, class_id)`` of one VIA region; a bad one raises, or with ``problems`` is noted there
-    and gives None."""
-    try:
-        label = (region.get("region_attributes") or {}).get(key) if isinstance(region, dict) else None
-        try:
-            class_id = int(label)
-        except (TypeError, ValueError):
-            class_id = -1
-        if not 1 <= class_id < len(class_names):
-            raise DataError(f"{where}: unknown class {label!r} (expected one of 1..{len(class_names) - 1})")
-        shape = region.get("shape_attributes") or {}
-        _check_shape(shape, where)
-    except DataError as e:
-        if problems is None:
-            raise
-        problems.append(str(e))
-        return None
-    return shape, class_id
-
-
-RASTERISED_SHAPES = ("polygon", "rect", "circle", "ellipse")
-
-
-def _check_shape(shape, where):
-    name = shape.get("name")
-    if name not in RASTERISED_SHAPES:
-        raise DataError(f"{where}: shape {name!r} has no area to fill (supported: {', '.join(RASTERISED_SHAPES)})")
-    if name == "polygon":
-        xs, ys = shape.get("all_points_x") or [], shape.get("all_points_y") or []
-        if len(xs) != len(ys):
-            raise DataError(f"{where}: polygon has {len(xs)} x and {len(ys)} y coordinates")
-        if len(xs) < 3:
-            raise DataError(f"{where}: polygon has {len(xs)} points, at least 3 are needed")
-
-
-def _shape_pixels(shape, height, width):
-    """(rows, cols) of the pixels inside a VIA shape, clipped to the image."""
-    from skimage import draw
-
-    hw = (height, width)
-    name = shape["name"]
-    if name == "polygon":
-        xs = np.clip(np.asarray(shape["all_points_x"], dtype=float), 0, width - 1)
-        ys = np.clip(np.asarray(shape["all_points_y"], dtype=float), 0, height - 1)
-        return draw.polygon(ys, xs, shape=hw)
-    if name == "rect":
-        x, y, w, h = (float(shape[k]) for k in ("x", "y", "width", "height"))
-        return draw.polygon([y, y, y + h, y + h], [x, x + w, x + w, x], shape=hw)
-    if name == "circle":
-        return draw.disk((float(shape["cy"]), float(shape["cx"])), float(shape["r"]), shape=hw)
-    # ellipse: VIA's theta is the rotation in radians, counter-clockwise in image coordinates
-    return draw.ellipse(float(shape["cy"]), float(shape["cx"]), float(shape["ry"]), float(shape["rx"]), shape=hw,
-                        rotation=-float(shape.get("theta", 0.0)))
-
-
-def rasterise(regions, height, width):
-    """(H, W) uint8 class map of VIA regions; later regions overwrite earlier ones, the rest is background."""
-    mask = np.zeros((height, width), dtype=np.uint8)
-    for shape, class_id in regions:
-        rows, cols = _shape_pixels(shape, height, width)
-        mask[rows, cols] = class_id
-    return mask
-
-
-def read_legacy_masks(path, allow_pickle=False):
-    """The book's ``segmentation_train.npy``: a pickled dict filename -> (H, W, n_classes) one-hot uint8.
-
-    Unpickling can run arbitrary code, so this refuses unless ``allow_pickle`` is set.
-    Returns ``{filename: (H, W) uint8 class map}``.
-    """
-    path = Path(path)
-    if not allow_pickle:
-        raise DataError(f"{path}: the book's .npy masks are a pickle, which can run code when loaded; "
-                        f"pass --allow-pickle only if you trust this file (the JSON annotations need no pickle)")
-    if not path.is_file():
-        raise DataError(f"{path}: legacy mask file not found")
-    try:
-        data = np.load(path, allow_pickle=True).item()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise DataError(f"{path}: cannot read legacy masks ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path}: expected a non-empty dict of filename -> one-hot mask")
-    masks = {}
-    for name, onehot in data.items():
-        onehot = np.asarray(onehot)
-        if onehot.ndim != 3:
-            raise DataError(f"{path}: entry {name!r} has shape {onehot.shape}, expected (H, W, n_classes)")
-        masks[str(name)] = onehot.argmax(axis=-1).astype(np.uint8)
-    return masks
-
-
 # --------------------------------------------------------------------------------------------------- images
-
-def read_image(path, where=None):
-    """An RGB uint8 (H, W, 3) array; grayscale, palette and RGBA images are converted to RGB."""
-    where = where or str(path)
-    if not Path(path).is_file():
-        raise DataError(f"{where}: image file not found")
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # a writable copy
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot read image ({e})") from None
-
-
-def image_size(path, where=None):
-    """(height, width) from the image header, without decoding it."""
-    where = where or str(path)
-    if not Path(path).is_file():
-        raise DataError(f"{where}: image file not found")
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except (OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot read image ({e})") from None
 
 
 class Annotations:
@@ -304,35 +117,6 @@ def split_indices(n, val_fraction=0.1, seed=0):
 
 
 # --------------------------------------------------------------------------------------------------- transforms
-
-def train_transform(height, width, augment="full"):
-    """Joint image/mask transform for training: resize to (height, width), with ``augment``:
-
-    - ``"full"``: horizontal flip, random scale-crop (40-100% of the area) and mild colour jitter;
-    - ``"flip"``: horizontal flip only;
-    - ``"none"``: the book's plain pipeline, a resize.
-
-    Images stay uint8 (scaled on the device); masks are resized by nearest neighbour (tv_tensors.Mask).
-    """
-    resize = v2.Resize((height, width), antialias=True)
-    if augment == "none":
-        return resize
-    if augment == "flip":
-        return v2.Compose([v2.RandomHorizontalFlip(), resize])
-    if augment != "full":
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
-    aspect = width / height
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomResizedCrop((height, width), scale=(0.4, 1.0), ratio=(aspect * 0.85, aspect / 0.85), antialias=True),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-    ])
-
-
-def eval_transform(height, width):
-    """Resize the image to the model's input size; the mask is left at native resolution for the metrics."""
-    resize = v2.Resize((height, width), antialias=True)
-    return lambda image, mask: (resize(image), mask)
 
 
 class SegmentationDataset(Dataset):
@@ -479,7 +263,7 @@ def _check_entry(root, json_path, name, regions):
     mask, problems = np.zeros((height, width), dtype=np.uint8), []
     for i, (shape, class_id) in enumerate(regions):
         try:
-            rows, cols = _shape_pixels(shape, height, width)
+            rows, cols = shape_pixels(shape, height, width)
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"{json_path}: entry {name!r} region {i}: cannot fill its {shape.get('name')} "
                             f"({type(e).__name__}: {e})")
@@ -523,48 +307,6 @@ def summarise(ann):
             "pixel_counts": counts.tolist()}
 
 
-def save_annotation_figure(ann, path, n=6, seed=0):
-    """Save a grid of ``n`` seeded random images with their masks overlaid and a legend of class colours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    picks = np.random.default_rng(seed).choice(len(ann), size=min(n, len(ann)), replace=False)
-    cols = min(3, len(picks))
-    rows = -(-len(picks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows + 0.6), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), picks):
-        ax.imshow(overlay(read_image(ann.root / ann.filenames[i]), ann.mask(i)))
-        ax.set_title(ann.filenames[i], fontsize=9)
-    handles = [Patch(color=np.array(PALETTE[c]) / 255, label=name) for c, name in enumerate(ann.class_names) if c]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def overlay(image, mask, alpha=0.5):
-    """Blend class colours over an (H, W, 3) uint8 image; background pixels are left unpainted."""
-    colours = np.asarray(PALETTE, dtype=np.float32)[np.minimum(mask, len(PALETTE) - 1)]
-    out = image.astype(np.float32)
-    fg = mask > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    return out.astype(np.uint8)
-
-
-def save_figure(fig, path, dpi=80):
-    """Save a matplotlib figure through a temporary name, so a crash never leaves half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
-
-
 def get_args_parser():
     """Flags of the dataset summary / download command."""
     parser = argparse.ArgumentParser(description="Check and summarise (or download) the drinks segmentation dataset.")
@@ -590,8 +332,6 @@ def main(args):
     """Check a split (every image decoded, every region filled; all problems listed, then exit 1) and print its
     summary, or download the dataset with --download."""
     if args.download:
-        from download import download_drinks  # download.py imports this module; only --download needs it
-
         print(f"dataset ready at {download_drinks(args.data_path, args.url, archive=args.archive)}")
         return
     if args.legacy_masks:
@@ -622,9 +362,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import data_generator  # run the importable module, so that it and download.py raise the same DataError
-
-    try:
-        data_generator.main(data_generator.get_args_parser().parse_args())
-    except data_generator.DataError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main, get_args_parser())

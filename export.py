@@ -2,7 +2,7 @@
 
 The file holds the inference form of the model (eval mode, BatchNorm folded, float32) with dynamic batch,
 height and width; input ``images`` (B, 3, H, W) float32 in [0, 1], outputs ``logits`` and ``labels`` (the
-argmax class map); the class names and training input size are in its metadata (see onnx_model.py).
+argmax class map); the class names and training input size are in its metadata (see seglib/onnx_model.py).
 After export, onnxruntime runs it on a few test images at the training size and its logits are compared
 with the PyTorch float32 model's; below ``--min-agreement`` of pixels with the same argmax, nothing is written.
 
@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from data_generator import build_loader, default_data_path, make_dataset
-from evaluate import to_input
-from model_utils import ExportError, load_checkpoint, model_from_checkpoint, run_cli
-from onnx_model import OPSET, OnnxModel, export_onnx
+from model_utils import load_checkpoint
+from seglib.errors import ExportError, run_cli
+from seglib.inference import to_input
+from seglib.onnx_model import OPSET, OnnxModel, export_onnx
+from seglib.registry import model_from_checkpoint
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""Training utilities: checkpoints, seeding, devices, mixed precision,
-distributed setup and segmentation metrics."""
+"""What every run needs around the model: checkpoints written and read safely, seeding and RNG states, devices
+and mixed precision (with the fast inference form of a model), loader workers, and distributed set-up."""
 import copy
 import ctypes
 import os
@@ -13,26 +13,9 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from data_generator import DataError
-from registry import DEFAULT_MODEL, ModelError, build_model
+from seglib.errors import CheckpointError
 
-BASE_LR = 1e-3
 CONFIG_KEYS = ("n_classes", "height", "width", "class_names")
-
-
-class CheckpointError(ValueError):
-    """A missing, corrupt or incompatible checkpoint; the message names the file."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, say); the message says why and what was kept."""
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be written or does not match the model; the message names the file."""
-
-
-USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError, ModelError)
 
 
 def keep_freed_memory():
@@ -55,23 +38,19 @@ def keep_freed_memory():
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
-def run_cli(main, parser):
-    """Run ``main(parser.parse_args())``; a user error becomes one line on stderr and exit status 1."""
-    try:
-        main(parser.parse_args())
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
-
-
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
-    """``torch.save`` to a temporary name in the same folder, then rename: a crash never leaves half a file."""
+    """``torch.save`` to a temporary name in the same folder, then rename: a crash or a full disk never leaves half
+    a file, and the previous checkpoint stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -90,40 +69,6 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         raise CheckpointError(f"{path}: checkpoint config lacks {', '.join(missing)}")
     return ckpt
-
-
-def has_ema(ckpt):
-    """Whether a checkpoint carries EMA weights (train.py --ema)."""
-    return isinstance(ckpt.get("ema"), dict)
-
-
-def checkpoint_model(cfg):
-    """(model name, its options) of a checkpoint's config. A config without a model name was written before the
-    registry existed: it is the book's FCN, whose options (depth, n_layers) are then top-level keys."""
-    if "model" in cfg:
-        return cfg["model"], dict(cfg.get("model_options", {}))
-    return DEFAULT_MODEL, {"depth": cfg["depth"], "n_layers": cfg["n_layers"]}
-
-
-def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
-    """Build the model a checkpoint describes and load its weights: the EMA weights when the run kept an EMA
-    (those are the ones it validated) unless ``ema`` is False; CheckpointError if they do not fit."""
-    cfg = ckpt["config"]
-    weights = ckpt["ema"]["model"] if ema and has_ema(ckpt) else ckpt["model"]
-    try:
-        name, options = checkpoint_model(cfg)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: checkpoint config names no model and lacks {e}") from None
-    try:
-        model = build_model(name, cfg["n_classes"], **options)
-    except ModelError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, ValueError, TypeError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the model in its config ({first_line})") from None
-    return model
 
 
 def rng_state():
@@ -236,7 +181,7 @@ def inference_model(model, dtype=None, channels_last=True, compile=False):
     weights cast to ``dtype`` (bf16/fp16, so no per-call autocast casts) and channels_last layout;
     ``compile`` wraps it in a ``FrozenInference`` graph.
 
-    Feed it inputs of the same dtype and layout (see evaluate.to_input); the original model is untouched.
+    Feed it inputs of the same dtype and layout (see seglib.inference.to_input); the original model is untouched.
     """
     fast = copy.deepcopy(model).eval()
     fast.fuse_bn_()
@@ -318,98 +263,4 @@ def broadcast_buffers(model):
 
 # --------------------------------------------------------------------------------------------------- metrics
 
-def confusion_matrix(pred, target, n_classes):
-    """(n_classes, n_classes) int64 counts, rows ground truth, columns prediction.
 
-    A scatter-add rather than ``torch.bincount``, which on a GPU reads the largest index back to the host (a
-    sync per image); this stays on the device.
-    """
-    idx = target.reshape(-1).long() * n_classes + pred.reshape(-1).long()
-    counts = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=idx.device)
-    counts.index_add_(0, idx, torch.ones_like(idx))
-    return counts.reshape(n_classes, n_classes)
-
-
-def _safe_div(num, den):
-    return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(num, float("nan")))
-
-
-class SegmentationMetrics:
-    """Accumulates both metric definitions over images.
-
-    - The book's: per image, IoU averaged over the classes present in its ground truth, then averaged over
-      images (``miou_per_image``), and per-image pixel accuracy averaged over images.
-    - The dataset-level one: a confusion matrix over all pixels gives per-class IoU; ``miou`` is their mean
-      over classes present in the ground truth or the predictions.
-    """
-
-    def __init__(self, n_classes, device="cpu"):
-        self.n_classes = n_classes
-        self.confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
-        # sum of per-image mIoU, sum of per-image pixel accuracy, number of images
-        self.per_image = torch.zeros(3, dtype=torch.float64, device=device)
-        self.image_ious = []
-
-    def update(self, pred, target):
-        """Add one image: ``pred`` and ``target`` are (H, W) class maps of the same size."""
-        conf = confusion_matrix(pred, target, self.n_classes)
-        self.confusion += conf
-        iou = self.image_iou(conf)
-        self.image_ious.append(iou)
-        acc = conf.diagonal().sum().double() / conf.sum().clamp(min=1)
-        self.per_image += torch.stack([iou, acc, torch.ones((), dtype=torch.float64, device=acc.device)])
-
-    @staticmethod
-    def image_iou(conf):
-        """The book's per-image mIoU: mean IoU over the classes present in the image's ground truth."""
-        conf = conf.double()
-        tp, gt, pr = conf.diagonal(), conf.sum(1), conf.sum(0)
-        present = gt > 0  # so union > 0 too; masking with where avoids a host sync on GPU
-        iou = torch.where(present, tp / (gt + pr - tp).clamp(min=1), torch.zeros_like(tp))
-        return iou.sum() / present.sum().clamp(min=1)
-
-    def all_reduce(self):
-        """Sum the counts over all ranks (each image was seen by exactly one rank)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.confusion)
-            dist.all_reduce(self.per_image)
-
-    def compute(self, class_names=None):
-        """A dict of plain floats: both mIoU definitions, pixel accuracies, per-class rows and n_images."""
-        conf = self.confusion.double().cpu()
-        tp, gt, pr = conf.diagonal(), conf.sum(1), conf.sum(0)
-        iou = _safe_div(tp, gt + pr - tp)
-        acc = _safe_div(tp, gt)
-        n_images = int(self.per_image[2].item())
-        names = class_names or [str(c) for c in range(self.n_classes)]
-        total = max(gt.sum().item(), 1.0)
-        return {
-            "miou_per_image": self.per_image[0].item() / max(n_images, 1),
-            "pixel_accuracy_per_image": self.per_image[1].item() / max(n_images, 1),
-            "miou": iou[(gt + pr) > 0].mean().item(),
-            "pixel_accuracy": (tp.sum() / conf.sum().clamp(min=1)).item(),
-            "mean_class_accuracy": acc[gt > 0].mean().item(),
-            "per_class": [{"name": names[c], "iou": _num(iou[c]), "accuracy": _num(acc[c]),
-                           "share": gt[c].item() / total} for c in range(self.n_classes)],
-            "n_images": n_images,
-        }
-
-
-def _num(x):
-    """A float, or None for NaN (JSON has no NaN)."""
-    x = float(x)
-    return None if x != x else x
-
-
-def format_metrics_table(metrics):
-    """The per-class table and the summary lines, as a string."""
-    lines = [f"{'class':<12}{'IoU':>8}{'accuracy':>10}{'pixels':>9}"]
-    for row in metrics["per_class"]:
-        iou = "-" if row["iou"] is None else f"{row['iou']:.4f}"
-        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        lines.append(f"{row['name']:<12}{iou:>8}{acc:>10}{row['share']:>9.2%}")
-    lines.append(f"mIoU per image (book): {metrics['miou_per_image']:.4f}   "
-                 f"pixel accuracy per image: {metrics['pixel_accuracy_per_image']:.4f}")
-    lines.append(f"mIoU (dataset): {metrics['miou']:.4f}   pixel accuracy: {metrics['pixel_accuracy']:.4f}   "
-                 f"mean class accuracy: {metrics['mean_class_accuracy']:.4f}   images: {metrics['n_images']}")
-    return "\n".join(lines)

@@ -7,36 +7,37 @@ training annotations; the best epoch is scored on the test split at the end.
     python train.py                                   # the book's recipe, on a GPU
     python train.py --resume                          # continue weights/<run>/last.pt
     python train.py --recipe cpu                      # the CPU recipe: under 30 minutes on 2 cores
-    python train.py --recipe cpu --model lraspp_mobilenet_v3_large --epochs 40    # another model (registry.py)
+    python train.py --recipe cpu --model lraspp_mobilenet_v3_large --epochs 40    # another model (seglib/registry.py)
     torchrun --nproc_per_node=4 train.py --sync-bn    # several GPUs
 """
 import argparse
 import copy
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
 import torch
 from torch import distributed as dist
-from torch.nn import functional as F
-from tqdm import tqdm
 
-from curves import plot_curves
-from data_generator import AUGMENTATIONS, build_loader, default_data_path, make_dataset
-from download import ensure_data
-from ema import ModelEMA
-from evaluate import TTA_MODES, evaluate_checkpoint, evaluate_model, to_input, write_json
-from model_utils import (BASE_LR, TrainingError, amp_dtype, barrier, broadcast_buffers, checkpoint_model,
-                         default_workers, init_distributed, keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler, rng_state,
-                         run_cli,
+from data_generator import build_loader, default_data_path, make_dataset
+from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed,
+                         keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler, rng_state,
                          save_checkpoint, seed_everything, set_rng_state)
-from registry import MODELS, build_model, load_backbone_, model_options, read_backbone_weights, run_name
 from resnet import L2_WEIGHT
-from schedules import SCHEDULES, learning_rate, set_lr
+from seglib.download import ensure_data
+from seglib.ema import ModelEMA
+from seglib.engine import StopRequest, build_criterion, build_optimizer, estimate_cpu_minutes, train_one_epoch
+from seglib.errors import TrainingError, run_cli
+from seglib.files import append_jsonl, write_json
+from seglib.inference import TTA_MODES, evaluate_model
+from seglib.joint_transforms import AUGMENTATIONS
+from seglib.plots import plot_curves
+from seglib.registry import (MODELS, build_model, checkpoint_model, load_backbone_, model_options,
+                             read_backbone_weights, run_name)
+from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
+from seglib.scoring import evaluate_checkpoint
 
-CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
 # Named recipes: `--recipe NAME` makes these the defaults of their flags; flags given explicitly still win.
 # cpu: chosen on the validation split to train, validate and test in under half an hour on 2 CPU cores (README)
 RECIPES = {
@@ -80,108 +81,11 @@ class RecipeArgumentParser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def build_optimizer(model, lr, l2):
-    """Adam (Keras defaults, eps 1e-7) with the book's L2 on the backbone's conv kernels as weight decay.
-
-    Keras adds ``l2 * sum(w**2)`` to the loss, so the gradient gains ``2 * l2 * w``: that is Adam's (coupled)
-    weight_decay of ``2 * l2``, on those kernels only.
-    """
-    decayed = {id(p) for p in model.l2_parameters()}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) in decayed], "weight_decay": 2 * l2},
-        {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0},
-    ]
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
-
-
-def build_criterion():
-    """Pixel-wise cross-entropy on logits (the book's softmax + categorical cross-entropy)."""
-    return F.cross_entropy
-
-
-class StopRequest:
-    """Turns the first Ctrl-C into a request to stop after the current step; a second one interrupts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving last.pt (Ctrl-C again to abort)", flush=True)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def train_step(model, criterion, optimizer, scaler, x, target, dtype):
-    """One optimizer step under autocast (``dtype`` None: float32); returns the loss, without a host sync."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        loss = criterion(model(x), target)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss
-
-
-def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
-                    loss_state, is_main, world_size, lr_fn, after_step=None):
-    """Train one epoch from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each step and
-    calling ``after_step()`` (the EMA update) after it. Returns (loss_state, next_step, stopped).
-
-    ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
-    syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
-    bar and, when distributed, agrees on a stop with the other ranks.
-    """
-    model.train()
-    steps = start_step + len(loader)
-    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-               dynamic_ncols=True, mininterval=1.0)
-    t0, seen, step = time.perf_counter(), 0, start_step
-    for images, masks in loader:
-        x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
-        target = masks.to(device, non_blocking=True).long()  # (B, H, W)
-        lr = lr_fn(step)
-        set_lr(optimizer, lr)
-        loss = train_step(model, criterion, optimizer, scaler, x, target, dtype)
-        if after_step is not None:
-            after_step()
-        loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-        step += 1
-        seen += images.shape[0] * world_size
-        bar.update(1)
-        # under DDP every rank must reach the all_reduce below at the same steps, whichever rank saw Ctrl-C and
-        # when: a rank that entered it alone would pair it with the others' gradient all_reduce and hang
-        if step % CHECK_EVERY == 0 or step == steps or (stop.requested and world_size == 1):
-            flags = torch.tensor([float(stop.requested), 0.0 if torch.isfinite(loss_state[0]) else 1.0], device=device)
-            if world_size > 1:
-                dist.all_reduce(flags)
-            if flags[1] > 0:
-                raise TrainingError(f"loss is not finite at epoch {epoch + 1} step {step}: stopping; "
-                                    f"{Path(args.output_dir) / args.run_name / 'last.pt'} keeps the last good state")
-            rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{(loss_state[0] / loss_state[1]).item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            if flags[0] > 0:
-                bar.close()
-                return loss_state, step, True
-    bar.close()
-    return loss_state, step, False
-
-
 def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state, ema=None):
     """Everything ``--resume`` needs, as plain dicts and tensors (loadable with weights_only=True).
 
     ``epoch`` is the epoch in progress and ``step`` the steps done in it (0 when it has not started). With an
-    EMA, its weights are saved too, and evaluation and export use them (model_utils.model_from_checkpoint).
+    EMA, its weights are saved too, and evaluation and export use them (seglib.registry.model_from_checkpoint).
     """
     extra = {"ema": ema.state_dict()} if ema is not None else {}
     return {
@@ -209,35 +113,6 @@ def trim_metrics(path, epochs_done):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(ln + "\n" for ln in lines))
     os.replace(tmp, path)
-
-
-def append_jsonl(path, record):
-    """Append one JSON line."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
-    """Minutes the run should take on this CPU, from timed training steps on a throwaway copy."""
-    model = copy.deepcopy(model)
-    optimizer = build_optimizer(model, args.lr, args.l2)
-    x = torch.rand(args.batch_size, 3, args.height, args.width)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.zeros(args.batch_size, args.height, args.width, dtype=torch.long)
-    scaler = make_grad_scaler(torch.device("cpu"), dtype)
-    ema = ModelEMA(model, args.ema) if args.ema else None
-    times = []
-    for _ in range(3):  # the first two steps pay for one-off allocations (the heap grows to a step's peak)
-        t = time.perf_counter()
-        train_step(model, F.cross_entropy, optimizer, scaler, x, y, dtype)  # not the run's criterion object
-        if ema is not None:
-            ema.update(model)  # as the run does after every step
-        times.append(time.perf_counter() - t)
-    per_image = min(times[1:]) / args.batch_size
-    # evaluation is a forward pass (about a third of a training step) plus native-size scoring; flip TTA: two
-    val_passes = 2 if args.tta == "flip" else 1
-    return per_image * (n_train + n_val / 2 * val_passes) * args.epochs / 60
 
 
 def ema_decay(text):
@@ -270,7 +145,7 @@ def get_args_parser():
     p.add_argument("--height", type=int, default=480, help="input height the images are resized to")
     p.add_argument("--width", type=int, default=640, help="input width the images are resized to")
     p.add_argument("--model", default="fcn_resnet56v2", choices=MODELS,
-                   help="model to train (registry.py): " + "; ".join(f"{k}: {v.about}" for k, v in MODELS.items()))
+                   help="model to train (seglib/registry.py): " + "; ".join(f"{k}: {v.about}" for k, v in MODELS.items()))
     p.add_argument("--pretrained-backbone", default=None, metavar="PATH|imagenet",
                    help="start the backbone from a local state_dict file (the backbone's or its ImageNet "
                         "classifier's), or from torchvision's ImageNet weights (imagenet: downloads; not for "

@@ -18,12 +18,14 @@ import benchmark
 import model_utils
 import train
 from data_generator import build_loader, make_dataset
-from evaluate import evaluate_model, to_input
 from fcn import build_fcn
-from model_utils import (BASE_LR, amp_dtype, inference_model, load_checkpoint, make_grad_scaler,
-                         model_from_checkpoint, save_checkpoint)
+from model_utils import amp_dtype, inference_model, load_checkpoint, make_grad_scaler, save_checkpoint
 from resnet import L2_WEIGHT
-from train import build_criterion, build_optimizer, train_step
+from seglib import engine
+from seglib.engine import build_criterion, build_optimizer, train_step
+from seglib.inference import evaluate_model, to_input
+from seglib.registry import model_from_checkpoint
+from seglib.schedules import BASE_LR
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: GPU tests need a GPU")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,14 +110,14 @@ def test_an_epoch_and_an_evaluation_sync_only_at_the_checks(drinks):
     def epoch(n):
         loader.sampler.set_epoch(n)
         state = torch.zeros(2, dtype=torch.float64, device=CUDA)
-        with train.StopRequest() as stop:
-            return train.train_one_epoch(model, build_criterion(), optimizer, scaler, loader, CUDA, n, args, dtype,
+        with engine.StopRequest() as stop:
+            return engine.train_one_epoch(model, build_criterion(), optimizer, scaler, loader, CUDA, n, args, dtype,
                                          stop, 0, state, False, 1, lambda step: BASE_LR)
 
     epoch(0)  # cuDNN autotuning and the allocator's growth
     (state, steps, stopped), syncs = _count_syncs(lambda: epoch(1))
     assert steps == 20 and not stopped and state[1].item() == 20
-    assert syncs <= 4 * (steps // train.CHECK_EVERY + 1) < steps, syncs
+    assert syncs <= 4 * (steps // engine.CHECK_EVERY + 1) < steps, syncs
     val_set, _ = make_dataset(drinks, "test", 64, 96, augment="none", limit=12, workers=0)
     val_loader = build_loader(val_set, 4, train=False, workers=0)
     (metrics, _), syncs = _count_syncs(lambda: evaluate_model(model, val_loader, CUDA, 4, dtype, True))

@@ -3,13 +3,19 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import data_generator as dg
-from data_generator import DataError
+from seglib import joint_transforms as jt
+from seglib import via
+from seglib.errors import DataError
+
+ROOT = Path(dg.__file__).parent
 
 # ------------------------------------------------------------------------------------------ the real dataset
 
@@ -58,7 +64,7 @@ def _independent_fill(drinks, name):
 
 def test_cli_json_agrees_with_an_independent_fill(drinks):
     out = subprocess.run([sys.executable, "data_generator.py", "--data-path", str(drinks), "--split", "test",
-                          "--json"], capture_output=True, text=True, check=True, cwd=dg.Path(dg.__file__).parent)
+                          "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["split"] == "test" and report["n_images"] == 51
     assert report["class_names"] == ["background", "Water", "Soda", "Juice"]
@@ -66,58 +72,6 @@ def test_cli_json_agrees_with_an_independent_fill(drinks):
     assert sum(report["pixel_counts"]) == 51 * 480 * 640
     for ours, ref in zip(report["pixel_counts"], reference):
         assert abs(ours - ref) / ref < 0.005
-
-
-def test_figure_is_written(drinks, tmp_path, test_ann):
-    dg.save_annotation_figure(test_ann, tmp_path / "grid.png", n=4)
-    assert Image.open(tmp_path / "grid.png").size[0] > 300
-
-
-def test_augmented_image_and_mask_stay_aligned(test_ann):
-    """Paint each class in its palette colour, augment, and read the classes back from the colours."""
-    palette = np.asarray(dg.PALETTE[:4], dtype=np.uint8)  # the drinks classes
-    transform = dg.train_transform(240, 320, "full")
-    torch.manual_seed(0)
-    for i in range(12):
-        mask = test_ann.mask(i)
-        image = torch.from_numpy(palette[mask]).permute(2, 0, 1)
-        out_img, out_mask = transform(dg.tv_tensors.Image(image), dg.tv_tensors.Mask(torch.from_numpy(mask)))
-        assert out_img.shape == (3, 240, 320) and out_mask.shape == (240, 320)
-        assert out_mask.dtype == torch.uint8 and set(out_mask.unique().tolist()) <= {0, 1, 2, 3}
-        pixels = out_img.permute(1, 2, 0).reshape(-1, 1, 3).float()
-        decoded = (pixels - torch.from_numpy(palette).float()).norm(dim=-1).argmin(-1).reshape(240, 320)
-        agreement = (decoded == out_mask.long()).float().mean().item()
-        assert agreement > 0.97, f"image {i}: only {agreement:.3f} of pixels agree"
-
-
-def test_flip_is_applied_to_both(test_ann):
-    """With scale-crop and jitter fixed, a horizontal flip must move image and mask together."""
-    mask = torch.from_numpy(test_ann.mask(0))
-    image = torch.from_numpy(np.asarray(dg.PALETTE, dtype=np.uint8)[mask.numpy()]).permute(2, 0, 1)
-    flip = dg.v2.RandomHorizontalFlip(p=1.0)
-    out_img, out_mask = flip(dg.tv_tensors.Image(image), dg.tv_tensors.Mask(mask))
-    assert torch.equal(out_mask, mask.flip(-1)) and torch.equal(out_img, image.flip(-1))
-
-
-def test_flip_augmentation_only_mirrors_image_and_mask_together(test_ann):
-    mask = dg.tv_tensors.Mask(torch.from_numpy(test_ann.mask(0)))
-    image = dg.tv_tensors.Image(torch.from_numpy(np.asarray(dg.PALETTE, dtype=np.uint8)[mask.numpy()]).permute(2, 0, 1))
-    resize = dg.train_transform(120, 160, "none")
-    plain = resize(image, mask)
-    mirrored = resize(dg.tv_tensors.Image(image.flip(-1)), dg.tv_tensors.Mask(mask.flip(-1)))
-    assert plain[0].shape == (3, 120, 160) and plain[1].shape == (120, 160)
-    assert not torch.equal(plain[1], mirrored[1])
-    flip = dg.train_transform(120, 160, "flip")
-    flipped = []
-    for seed in range(8):
-        torch.manual_seed(seed)
-        out_img, out_mask = flip(image, mask)
-        expected = mirrored if torch.equal(out_mask, mirrored[1]) else plain
-        assert torch.equal(out_img, expected[0]) and torch.equal(out_mask, expected[1])
-        flipped.append(expected is mirrored)
-    assert any(flipped) and not all(flipped)
-    with pytest.raises(ValueError, match="augment must be one of full, flip, none"):
-        dg.train_transform(120, 160, "crop")
 
 
 def test_validation_split_is_disjoint_and_reproducible(drinks):
@@ -278,7 +232,7 @@ def test_class_names_come_from_the_json_options(tmp_path):
     _via(tmp_path, [("a.jpg", [SQUARE])])
     assert dg.load_annotations(tmp_path, "train").class_names == ["background", "Water", "Soda", "Juice"]
     _via(tmp_path, [("a.jpg", [SQUARE])], options=False)
-    assert dg.load_annotations(tmp_path, "train").class_names == list(dg.DEFAULT_CLASS_NAMES)
+    assert dg.load_annotations(tmp_path, "train").class_names == list(via.DEFAULT_CLASS_NAMES)
 
 
 def test_grayscale_and_rgba_become_rgb(tmp_path):
@@ -297,10 +251,10 @@ def test_images_of_different_sizes_keep_their_own_mask_size(tmp_path):
     _via(tmp_path, [("a.jpg", [SQUARE]), ("b.jpg", [SQUARE])])
     ann = dg.load_annotations(tmp_path, "train")
     assert [m.shape for m in ann.masks] == [(60, 80), (90, 120)]
-    ds = dg.SegmentationDataset(ann, dg.eval_transform(32, 40))
+    ds = dg.SegmentationDataset(ann, jt.eval_transform(32, 40))
     images, masks = next(iter(dg.build_loader(ds, 2, train=False, workers=0)))
     assert images.shape == (2, 3, 32, 40) and [m.shape for m in masks] == [(60, 80), (90, 120)]
-    train_ds = dg.SegmentationDataset(ann, dg.train_transform(32, 40))
+    train_ds = dg.SegmentationDataset(ann, jt.train_transform(32, 40))
     assert [tuple(train_ds[i][1].shape) for i in range(2)] == [(32, 40), (32, 40)]
 
 
@@ -361,7 +315,7 @@ def test_check_lists_every_broken_file_entry_and_region(tmp_path):
     assert ann.mask(0)[20, 20] == 1 and ann.mask(4).max() == 0
 
     out = subprocess.run([sys.executable, "data_generator.py", "--data-path", str(tmp_path), "--workers", "2"],
-                         capture_output=True, text=True, cwd=dg.Path(dg.__file__).parent)
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1
     assert out.stdout.strip().splitlines() == problems
     assert out.stderr.strip() == (f"error: {tmp_path / 'segmentation_train.json'}: 6 problems, listed above; "
@@ -377,7 +331,7 @@ def test_check_agrees_with_load_annotations_on_the_real_test_split(drinks, test_
 
 def test_cli_error_is_one_line_and_non_zero(tmp_path):
     out = subprocess.run([sys.executable, "data_generator.py", "--data-path", str(tmp_path / "nowhere")],
-                         capture_output=True, text=True, cwd=dg.Path(dg.__file__).parent)
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and "nowhere: data folder not found" in out.stderr
 

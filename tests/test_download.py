@@ -11,10 +11,11 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import download as dl
-from data_generator import DataError
+import data_generator
+from seglib import download as dl
+from seglib.errors import DataError
 
-ROOT = dl.Path(dl.__file__).parent
+ROOT = dl.Path(data_generator.__file__).parent
 
 
 def _add(tar, name, data):

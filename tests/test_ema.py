@@ -8,8 +8,10 @@ from torch import nn
 
 import evaluate
 import train
-from ema import ModelEMA
-from model_utils import load_checkpoint, model_from_checkpoint
+from model_utils import load_checkpoint
+from seglib import scoring
+from seglib.ema import ModelEMA
+from seglib.registry import model_from_checkpoint
 
 
 def _tiny():
@@ -65,7 +67,7 @@ def test_validation_best_and_test_use_the_ema_weights(tmp_path, drinks):
     assert all(torch.equal(loaded[k], averaged[k]) for k in averaged)
     validated = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val"]
     def score(weights, split, ema=True):  # as train.py scores: float32 here, channels_last
-        return evaluate.evaluate_checkpoint(weights, drinks, split, batch_size=4, workers=0, device="cpu", amp=False,
+        return scoring.evaluate_checkpoint(weights, drinks, split, batch_size=4, workers=0, device="cpu", amp=False,
                                             channels_last=True, quiet=True, ema=ema)
 
     rescored = score(run / "best.pt", "val")
@@ -87,8 +89,8 @@ def test_validation_best_and_test_use_the_ema_weights(tmp_path, drinks):
     assert no_ema["ema"] is False and no_ema["miou_per_image"] == pytest.approx(live_score["miou_per_image"], abs=1e-9)
 
 
-def test_ema_flag_is_checked():
-    parser = train.get_args_parser()
-    assert parser.parse_args([]).ema == 0.0 and parser.parse_args(["--ema", "0.999"]).ema == 0.999
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--ema", "1.5"])
+@pytest.mark.parametrize("value", ["1.5", "1", "-0.1", "x"])
+def test_ema_decay_out_of_range_is_refused_with_the_flag_named(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args(["--ema", value])
+    assert exit_info.value.code == 2 and "--ema" in capsys.readouterr().err

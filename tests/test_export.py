@@ -15,8 +15,11 @@ from torchvision.transforms.v2 import functional as TF
 import data_generator as dg
 import evaluate
 import export
-from model_utils import CheckpointError, ExportError, load_checkpoint, model_from_checkpoint
-from onnx_model import CONFIG_KEY, OnnxModel, read_metadata
+from model_utils import load_checkpoint
+from seglib.errors import CheckpointError, ExportError
+from seglib.files import read_image
+from seglib.onnx_model import CONFIG_KEY, OnnxModel, read_metadata
+from seglib.registry import model_from_checkpoint
 
 ROOT = dg.Path(dg.__file__).parent
 
@@ -36,7 +39,7 @@ def _export_args(weights, output, drinks, *extra):
 
 def _test_images(drinks, n):
     ann = dg.load_annotations(drinks, "test")
-    return [torch.from_numpy(dg.read_image(ann.root / name)).permute(2, 0, 1) for name in ann.filenames[:n]]
+    return [torch.from_numpy(read_image(ann.root / name)).permute(2, 0, 1) for name in ann.filenames[:n]]
 
 
 def test_export_checks_agreement_and_writes_only_the_file(trained):
@@ -53,7 +56,7 @@ def test_onnxruntime_matches_pytorch_float32(trained, drinks, size, batch):
     ckpt = load_checkpoint(weights)
     model = model_from_checkpoint(ckpt, weights).eval()
     images = torch.stack([TF.resize(im, list(size), antialias=True) for im in _test_images(drinks, batch)])
-    x = images.float() / 255  # (B, 3, H, W) in [0, 1], as evaluate.to_input gives
+    x = images.float() / 255  # (B, 3, H, W) in [0, 1], as to_input gives
     with torch.no_grad():
         reference = model(x)
     session = OnnxModel(onnx_path)
@@ -147,3 +150,16 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.pt'}: checkpoint not found"]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_file_has_opset_17_and_every_batchnorm_after_a_conv_folded(trained):
+    """The graph's BatchNormalization nodes are those left unfolded in PyTorch (the pre-activation ones after a
+    residual sum), not the model's full count."""
+    weights, onnx_path, _ = trained
+    graph = onnx.load(str(onnx_path))
+    assert {o.domain: o.version for o in graph.opset_import}.get("", None) == 17
+    in_file = sum(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    model = model_from_checkpoint(load_checkpoint(weights), weights).eval()
+    everything = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.fuse_bn_().modules())
+    assert in_file == left < everything

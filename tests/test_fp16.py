@@ -5,8 +5,9 @@ range (65504) is the risk. Run on the CPU, which has fp16 kernels too."""
 import torch
 
 from data_generator import build_loader, make_dataset
-from evaluate import to_input, upsample_argmax
-from model_utils import inference_model, load_checkpoint, model_from_checkpoint
+from model_utils import inference_model, load_checkpoint
+from seglib.inference import to_input, upsample_argmax
+from seglib.registry import model_from_checkpoint
 
 
 def _largest_activation(model, x):

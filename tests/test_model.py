@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import fcn
+import summary
 from fcn import build_fcn, count_parameters
 from model_utils import inference_model
 from resnet import BN_MOMENTUM, ConvTranspose2d, ResNetV2
@@ -134,7 +134,7 @@ def test_fused_batchnorm_gives_the_same_output():
 
 
 def test_summary_prints_shapes_and_counts(capsys):
-    fcn.main(fcn.get_args_parser().parse_args(["--height", "96", "--width", "128"]))
+    summary.main(summary.get_args_parser().parse_args(["--height", "96", "--width", "128"]))
     out = capsys.readouterr().out
     assert "15,236,964" in out and "16,544" in out
     assert "(1, 256, 24, 32)" in out and "(1, 4, 96, 128)" in out
@@ -155,17 +155,19 @@ def test_transposed_conv_matches_the_stock_layer(dtype):
         assert y.shape == (2, 6, 10, 14) and y.dtype == (dtype or torch.float32)
         y.float().square().sum().backward()
         grads.append((y, layer.weight.grad, layer.bias.grad))
-        with torch.no_grad():  # the fused-bias path
-            torch.testing.assert_close(layer(x), stock(x))
+    with torch.no_grad():  # without a bias gradient our layer takes the fused-bias path; it matches the stock one
+        torch.testing.assert_close(ours(x), stock(x))
     for a, b in zip(*grads):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2 if dtype else 1e-5, atol=0.1 if dtype else 1e-5)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings exist on Linux only")
 def test_keep_freed_memory_stops_page_faulting_freed_blocks():
-    # a fresh process, so the allocator's state is the one a script starts with
+    # a fresh process with what train.py and evaluate.py import before they call it, so the allocator's state and
+    # the address space are a script's (with torch alone, brk can meet a mapping and malloc falls back to mmap)
     code = textwrap.dedent("""
         import resource, torch
+        import data_generator
         from model_utils import keep_freed_memory
         def page_faults_of_a_200mb_tensor():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

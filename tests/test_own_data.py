@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 import data_generator as dg
 import evaluate
+from seglib import plots
 import train
 
 CLASSES = {"1": "cat", "2": "dog"}
@@ -77,13 +78,13 @@ def test_check_train_and_evaluate_carry_the_class_names(own_data, tmp_path, caps
 
     # 2. a tiny training run on the CPU, whose start message gives README's CPU command in full
     legends = []
-    real_save_figure = evaluate.save_figure
+    real_save_figure = plots.save_figure
 
     def record_legend(fig, path, *args, **kwargs):
         legends.extend(t.get_text() for legend in fig.legends for t in legend.get_texts())
         return real_save_figure(fig, path, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "save_figure", record_legend)
+    monkeypatch.setattr(plots, "save_figure", record_legend)
     train.main(train.get_args_parser().parse_args([
         "--data-path", str(own_data), "--output-dir", str(tmp_path / "weights"), "--figures-dir",
         str(tmp_path / "figures"), "--run-name", "pets", "--workers", "0", "--height", "48", "--width", "64",
@@ -109,6 +110,6 @@ def test_check_train_and_evaluate_carry_the_class_names(own_data, tmp_path, caps
 
 
 def test_every_class_of_a_larger_dataset_gets_its_own_colour():
-    colours = evaluate._colour(np.arange(12, dtype=np.uint8).reshape(3, 4)).reshape(-1, 3)
+    colours = plots._colour(np.arange(12, dtype=np.uint8).reshape(3, 4)).reshape(-1, 3)
     assert len({tuple(c) for c in colours}) == 12
     assert tuple(colours[0]) == (0, 0, 0)  # background stays black

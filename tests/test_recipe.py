@@ -1,16 +1,14 @@
-"""`train.py --recipe`: the preset resolves to its documented flags and explicit flags win; the time-to-accuracy
-figure of curves.py."""
+"""`train.py --recipe`: the preset resolves to its documented flags and explicit flags win."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-import curves
 import train
-from data_generator import DataError
 
-ROOT = curves.Path(curves.__file__).parent
+ROOT = Path(train.__file__).parent
 
 CPU_RECIPE = {"height": 96, "width": 128, "epochs": 10, "augment": "flip", "lr_schedule": "cosine",
               "warmup_epochs": 1.0, "tta": "flip"}
@@ -65,36 +63,3 @@ def test_recipe_run_saves_its_resolved_flags(tmp_path, drinks):
     assert {k: config[k] for k in CPU_RECIPE} == {**CPU_RECIPE, "height": 48, "width": 64, "epochs": 1}
 
 
-def _write_metrics(path, seconds, scores):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"epoch": i + 1, "seconds": s, "val": {"miou_per_image": v, "miou": v}})
-                            + "\n" for i, (s, v) in enumerate(zip(seconds, scores))))
-
-
-def test_time_to_accuracy_adds_up_the_epochs(tmp_path):
-    _write_metrics(tmp_path / "a" / "metrics.jsonl", [60, 90, 30], [0.5, 0.7, 0.8])
-    minutes, scores = curves.time_to_accuracy(curves.read_metrics(tmp_path / "a"))
-    assert minutes == pytest.approx([1.0, 2.5, 3.0]) and scores == [0.5, 0.7, 0.8]
-
-
-def test_time_to_accuracy_figure_and_bad_input(tmp_path):
-    for name, seconds in (("e", [70, 70]), ("s0", [60, 60, 60]), ("s1", [61, 59, 62])):
-        _write_metrics(tmp_path / name / "metrics.jsonl", seconds, [0.6, 0.8, 0.9][:len(seconds)])
-    out = tmp_path / "fig" / "tta.png"
-    curves.main(curves.get_args_parser().parse_args([
-        "--run", f"E={tmp_path / 'e'}", "--run", f"recipe={tmp_path / 's0'}", "--run",
-        f"recipe={tmp_path / 's1' / 'metrics.jsonl'}", "--output", str(out)]))
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.parent.glob(".*tmp*"))
-
-    with pytest.raises(DataError, match="no metrics.jsonl"):
-        curves.read_metrics(tmp_path / "missing")
-    (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="bad.jsonl: not JSON lines"):
-        curves.read_metrics(tmp_path / "bad.jsonl")
-    result = subprocess.run([sys.executable, str(ROOT / "curves.py"), "--run", f"x={tmp_path / 'missing'}",
-                             "--output", str(tmp_path / "never.png")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 1 and "no metrics.jsonl" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "never.png").exists()
-    result = subprocess.run([sys.executable, str(ROOT / "curves.py"), "--run", "no-label"], capture_output=True,
-                            text=True, cwd=ROOT)
-    assert result.returncode == 2 and "expected LABEL=PATH" in result.stderr

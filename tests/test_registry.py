@@ -13,13 +13,12 @@ from torchvision.models import mobilenet_v3_large
 import benchmark
 import evaluate
 import export
-import flops
 import model_utils as mu
-import registry
 import train
 from fcn import build_fcn
-from model_utils import CheckpointError, TrainingError
-from registry import MODELS, ModelError, build_model
+from seglib import engine, registry
+from seglib.errors import CheckpointError, ModelError, TrainingError
+from seglib.registry import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -80,7 +79,10 @@ def test_every_model_has_l2_kernels_in_its_backbone(name):
     backbone = {id(p) for p in model.backbone.parameters()}
     l2 = model.l2_parameters()
     assert l2 and all(id(p) in backbone and p.dim() == 4 for p in l2)
-    train.build_optimizer(model, 1e-3, 1e-4)  # every parameter lands in exactly one group
+    decayed, plain = engine.build_optimizer(model, 1e-3, 1e-4).param_groups
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in l2}
+    assert {id(p) for p in decayed["params"] + plain["params"]} == {id(p) for p in model.parameters()}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
 def _tiny_run(tmp_path, drinks, *extra):
@@ -101,10 +103,14 @@ def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drink
     assert ckpt["config"]["model"] == name
     assert ckpt["config"]["model_options"] == registry.get_spec(name).options
     args = evaluate.get_args_parser().parse_args([
-        "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--split", "val", "--limit", "4",
-        "--workers", "0", "--output", str(tmp_path / "val.json"), "--figures-dir", str(tmp_path / "eval")])
+        "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--split", "val", "--workers", "0",
+        "--json", str(tmp_path / "val.json"), "--figures-dir", str(tmp_path / "eval")])
     metrics = evaluate.main(args)
-    assert metrics["n_images"] == 4 and 0 <= metrics["miou_per_image"] <= 1
+    # evaluate.py rebuilds the run's validation split and scores it as the run's own validation did
+    validated = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val"]
+    assert metrics["n_images"] == validated["n_images"] == 100
+    assert metrics["miou_per_image"] == pytest.approx(validated["miou_per_image"], abs=1e-9)
+    assert metrics["miou"] == pytest.approx(validated["miou"], abs=1e-9)
     written = evaluate.main(evaluate.get_args_parser().parse_args(
         ["--weights", str(run / "best.pt"), "--image-file", str(drinks / "0010000.jpg"), "--output-dir",
          str(tmp_path / "files")]))
@@ -127,8 +133,8 @@ def test_checkpoint_written_before_the_registry_loads_as_the_books_fcn(tmp_path)
                   "class_names": ["background", "Water", "Soda", "Juice"]}
     mu.save_checkpoint({"model": model.state_dict(), "config": old_config}, tmp_path / "old.pt")
     ckpt = mu.load_checkpoint(tmp_path / "old.pt")
-    assert mu.checkpoint_model(ckpt["config"]) == ("fcn_resnet56v2", {"depth": 11, "n_layers": 2})
-    loaded = mu.model_from_checkpoint(ckpt, tmp_path / "old.pt").eval()
+    assert registry.checkpoint_model(ckpt["config"]) == ("fcn_resnet56v2", {"depth": 11, "n_layers": 2})
+    loaded = registry.model_from_checkpoint(ckpt, tmp_path / "old.pt").eval()
     x = torch.rand(1, 3, 32, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
@@ -140,7 +146,7 @@ def test_checkpoint_naming_an_unknown_model_is_a_clear_error(tmp_path):
               "class_names": ["a", "b", "c", "d"]}
     mu.save_checkpoint({"model": model.state_dict(), "config": config}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="future.pt: unknown model 'segformer_b9'"):
-        mu.model_from_checkpoint(mu.load_checkpoint(tmp_path / "future.pt"), tmp_path / "future.pt")
+        registry.model_from_checkpoint(mu.load_checkpoint(tmp_path / "future.pt"), tmp_path / "future.pt")
 
 
 def test_local_backbone_file_of_the_books_resnet_is_loaded(tmp_path):
@@ -182,11 +188,16 @@ def test_backbone_file_that_does_not_fit_is_refused_by_train(tmp_path, drinks):
 
 
 def test_backbone_from_a_good_file_trains(tmp_path, drinks):
-    torch.save(build_fcn(depth=11, n_layers=1).backbone.state_dict(), tmp_path / "resnet11v2.pt")
+    torch.manual_seed(1)  # other weights than the run's own seed-0 initialisation
+    donor = build_fcn(depth=11, n_layers=1).backbone.state_dict()
+    torch.save(donor, tmp_path / "resnet11v2.pt")
     run = _tiny_run(tmp_path, drinks, "--pretrained-backbone", str(tmp_path / "resnet11v2.pt"), "--depth", "11",
-                    "--n-layers", "1")
+                    "--n-layers", "1", "--lr", "0")
     assert json.loads((run / "config.json").read_text())["pretrained_backbone"] == str(tmp_path / "resnet11v2.pt")
-    assert (run / "best.pt").is_file()
+    # at a rate of 0 the trained kernels are still the file's: the run started from them
+    trained = mu.load_checkpoint(run / "best.pt")["model"]
+    kernels = [k for k, v in donor.items() if v.dim() == 4]
+    assert kernels and all(torch.equal(trained[f"backbone.{k}"], donor[k]) for k in kernels)
 
 
 class OfflineWeights:
@@ -229,43 +240,6 @@ def test_default_run_names_follow_the_model():
     assert train.default_run_name(parse([])) == "fcn-resnet56v2-4layer-drinks"
     assert train.default_run_name(parse(["--model", "deeplabv3_resnet50", "--recipe", "cpu"])) == \
         "deeplabv3-resnet50-drinks-cpu"
-
-
-def test_grouped_conv_backward_flops_are_counted_once():
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)  # depthwise, as in MobileNetV3
-    dense = torch.nn.Conv2d(64, 64, 3, padding=1)
-    for module, groups in ((conv, 64), (dense, 1)):
-        x = torch.rand(2, 64, 16, 16, requires_grad=True)
-        forward = 2 * 2 * 64 * (64 // groups) * 9 * 16 * 16
-        with torch.utils.flop_counter.FlopCounterMode(
-                display=False, custom_mapping={torch.ops.aten.convolution_backward: flops.conv_backward_flop}) as c:
-            module(x).sum().backward()
-        assert c.get_total_flops() == 3 * forward  # the forward, then the input and the weight gradients
-
-
-def test_models_figure_has_one_point_per_run(tmp_path):
-    import curves
-
-    runs = []
-    for name, score in (("lraspp_mobilenet_v3_large", 0.8), ("fcn_resnet56v2", 0.9)):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "config.json").write_text(json.dumps({"model": name, "height": 48, "width": 64}))
-        (run / "test_metrics.json").write_text(json.dumps({"miou_per_image": score}))
-        runs.append(str(run))
-    old = tmp_path / "old"  # a run of the book's FCN from before the registry: its config has no model name
-    old.mkdir()
-    (old / "config.json").write_text(json.dumps({"depth": 11, "n_layers": 1, "height": 48, "width": 64}))
-    (old / "test_metrics.json").write_text(json.dumps({"miou_per_image": 0.5}))
-    points = [curves.read_model_point(r) for r in runs]
-    assert [p[0] for p in points] == ["lraspp_mobilenet_v3_large", "fcn_resnet56v2"]
-    assert points[0][1] < points[1][1]  # MobileNetV3's LR-ASPP costs far fewer FLOPs than the book's FCN
-    assert curves.read_model_point(old)[0] == "fcn_resnet56v2"
-    out = tmp_path / "models.png"
-    curves.main(curves.get_args_parser().parse_args(["--models", *runs, str(old), "--output", str(out)]))
-    assert out.stat().st_size > 5000 and not list(tmp_path.glob(".*tmp*"))
-    with pytest.raises(curves.DataError, match="unfinished: not a finished run"):
-        curves.read_model_point(tmp_path / "unfinished")
 
 
 @pytest.mark.parametrize("name", list(MODELS))

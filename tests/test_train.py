@@ -15,7 +15,9 @@ from PIL import Image
 import data_generator as dg
 import evaluate
 import train
-from model_utils import TrainingError, load_checkpoint
+from model_utils import load_checkpoint
+from seglib import engine, inference, scoring
+from seglib.errors import TrainingError
 
 ROOT = dg.Path(dg.__file__).parent
 
@@ -26,8 +28,9 @@ def _args(tmp_path, drinks, *extra):
     return train.get_args_parser().parse_args(base + [str(e) for e in extra])
 
 
-def test_tiny_run_resume_and_evaluate(tmp_path, drinks):
-    train.main(_args(tmp_path, drinks, "--height", 60, "--width", 80, "--limit", 32, "--epochs", 1, "--workers", 2))
+def test_tiny_run_resume_and_evaluate(tmp_path, drinks, monkeypatch):
+    train.main(_args(tmp_path, drinks, "--height", 60, "--width", 80, "--limit", 32, "--epochs", 1, "--workers", 2,
+                     "--no-test"))
     run = tmp_path / "weights" / "run"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     train.main(_args(tmp_path, drinks, "--height", 60, "--width", 80, "--limit", 32, "--epochs", 2, "--resume"))
@@ -41,6 +44,11 @@ def test_tiny_run_resume_and_evaluate(tmp_path, drinks):
     assert test_metrics["n_images"] == 51
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["config"]["height"] == 60
+    # best.pt is the best validation epoch, and the resumed run kept the first run's score in the running best
+    scores = [r["val"]["miou_per_image"] for r in lines]
+    best = load_checkpoint(run / "best.pt")
+    assert best["epoch"] == 1 + scores.index(max(scores))
+    assert best["best_miou"] == ckpt["best_miou"] == max(scores)
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-3, 1e-3]
 
     preds, figs = tmp_path / "preds", tmp_path / "evalfigs"
@@ -73,12 +81,22 @@ def test_tiny_run_resume_and_evaluate(tmp_path, drinks):
     assert reported["pixel_accuracy"] == pytest.approx(tp.sum() / conf.sum(), abs=1e-12)
     assert reported["n_images"] == 51
 
-    # the frozen graph of --compile scores as the eager model does (both bf16 on this CPU)
+    # --compile asks for the frozen graph (test_model checks that graph against eager; compiling this 56-layer
+    # model here would cost half a minute), and the scores stay those of the eager model
+    requested = []
+
+    def inference_model(model, dtype=None, channels_last=True, compile=False):
+        requested.append(compile)
+        return real_inference_model(model, dtype, channels_last, False)
+
+    real_inference_model = inference.inference_model
+    monkeypatch.setattr(inference, "inference_model", inference_model)
     evaluate.main(evaluate.get_args_parser().parse_args([
         "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--json", str(tmp_path / "c.json"),
         "--figures", "0", "--workers", "0", "--compile"]))
+    monkeypatch.undo()
     compiled = json.loads((tmp_path / "c.json").read_text())
-    assert compiled["n_images"] == 51 and compiled["miou"] == pytest.approx(reported["miou"], abs=0.01)
+    assert requested == [True] and compiled["n_images"] == 51 and compiled["miou"] == reported["miou"]
 
     out = tmp_path / "files"
     evaluate.main(evaluate.get_args_parser().parse_args([
@@ -124,13 +142,18 @@ def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule)
     train.main(_args(stopped, drinks, *common, "--epochs", 2, "--resume"))
 
     ref = load_checkpoint(full / "weights" / "run" / "last.pt")
+    with_ema = "--ema" in schedule
+    assert ("ema" in ref) == with_ema
     for other in resumed:
         got = load_checkpoint(other / "weights" / "run" / "last.pt")
-        for name in ("model", "ema"):
-            if name in ref:
-                a, b = (ref[name], got[name]) if name == "model" else (ref[name]["model"], got[name]["model"])
-                assert all(torch.equal(a[k], b[k]) for k in a), f"{other.name}'s {name} differs from the full run"
-        assert got.get("ema", {}).get("updates") == ref.get("ema", {}).get("updates")
+        assert ("ema" in got) == with_ema
+        pairs = [("model", ref["model"], got["model"])]
+        if with_ema:
+            pairs.append(("ema", ref["ema"]["model"], got["ema"]["model"]))
+            assert got["ema"]["updates"] == ref["ema"]["updates"] == 12
+        for name, a, b in pairs:
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+                f"{other.name}'s {name} differs from the full run"
     # the last step's rate (step 11 of 12; cosine: 3 warmup steps, then 8 of the 9 cosine steps done)
     rates = [load_checkpoint(d / "weights" / "run" / "last.pt")["optimizer"]["param_groups"][0]["lr"]
              for d in [full, *resumed]]
@@ -174,7 +197,7 @@ def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, drinks
     assert out.returncode == 0, out.stderr[-3000:]
     reported = json.loads((tmp_path / "w" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["val"]
     assert reported["n_images"] == 5
-    single = evaluate.evaluate_checkpoint(tmp_path / "w" / "ddp" / "last.pt", drinks, "val", batch_size=2,
+    single = scoring.evaluate_checkpoint(tmp_path / "w" / "ddp" / "last.pt", drinks, "val", batch_size=2,
                                           workers=0, device="cpu", amp=False, quiet=True)
     assert single["n_images"] == 5
     for key in ("miou", "miou_per_image", "pixel_accuracy", "pixel_accuracy_per_image", "mean_class_accuracy"):
@@ -213,15 +236,28 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, drinks):
             p.kill()
     assert [p.returncode for p in ranks] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["epoch"] >= 1 and ckpt["step"] in (train.CHECK_EVERY, 12)
+    assert ckpt["epoch"] >= 1 and ckpt["step"] in (engine.CHECK_EVERY, 12)
     assert "continue with --resume" in outs[0][0]
 
 
-def test_train_flags_choose_the_augmentation():
-    parser = train.get_args_parser()
-    assert parser.parse_args([]).augment == "full"
-    assert parser.parse_args(["--augment", "flip"]).augment == "flip"
-    assert parser.parse_args(["--no-augment"]).augment == "none"
+class _Recorded(Exception):
+    """Stops train.main once the datasets' arguments are recorded."""
+
+
+@pytest.mark.parametrize("argv, mode", [([], "full"), (["--augment", "flip"], "flip"), (["--no-augment"], "none")])
+def test_augment_flag_reaches_the_training_dataset(tmp_path, drinks, monkeypatch, argv, mode):
+    seen = {}
+
+    def make_dataset(data_path, split, height, width, augment="full", *args, **kwargs):
+        seen[split] = augment
+        if split == "val":
+            raise _Recorded
+        return "dataset", ["background"]
+
+    monkeypatch.setattr(train, "make_dataset", make_dataset)
+    with pytest.raises(_Recorded):
+        train.main(_args(tmp_path, drinks, "--device", "cpu", *argv))
+    assert seen["train"] == mode
 
 
 def test_cpu_start_message_gives_readmes_cpu_command():
@@ -230,16 +266,14 @@ def test_cpu_start_message_gives_readmes_cpu_command():
     assert f"\n{train.CPU_COMMAND}\n" in readme
 
 
-def test_training_needs_neither_onnx_nor_onnxruntime(tmp_path, drinks):
-    """Only reading or writing a .onnx file needs them; with both hidden, --help and a tiny run still work."""
-    hide = "import sys, runpy; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; sys.argv = sys.argv[1:]; " \
-           "runpy.run_path('train.py', run_name='__main__')"
-    help_out = subprocess.run([sys.executable, "-c", hide, "train.py", "--help"], cwd=ROOT, capture_output=True,
-                              text=True)
-    assert help_out.returncode == 0 and "--recipe" in help_out.stdout
-    out = subprocess.run([sys.executable, "-c", hide, "train.py", "--data-path", str(drinks), "--output-dir",
-                          str(tmp_path / "w"), "--figures-dir", str(tmp_path / "f"), "--run-name", "r", "--workers",
-                          "0", "--height", "32", "--width", "40", "--limit", "8", "--epochs", "1", "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "w" / "r" / "test_metrics.json").read_text())["n_images"] == 51
+def test_training_needs_neither_onnx_nor_onnxruntime(tmp_path, drinks, monkeypatch):
+    """Only reading or writing a .onnx file needs them: with both hidden, the scripts import and a run trains."""
+    hide = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import train, evaluate; " \
+           "print(train.get_args_parser().format_help())"
+    out = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--recipe" in out.stdout, out.stderr[-2000:]
+    for name in ("onnx", "onnxruntime", "seglib.onnx_model"):  # importing any of them now fails
+        monkeypatch.setitem(sys.modules, name, None)
+    train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 8, "--epochs", 1, "--device", "cpu",
+                     "--no-test"))
+    assert len((tmp_path / "weights" / "run" / "metrics.jsonl").read_text().splitlines()) == 1

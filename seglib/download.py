@@ -16,7 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from data_generator import ANNOTATION_FILES, DEFAULT_DATA_PATH, DataError
+from seglib.errors import DataError
+
+DEFAULT_DATA_PATH = "dataset/drinks"
+ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}
 
 # A public copy of the archive (Google Drive, shared by a course that uses the book). DRINKS_URL overrides it.
 DEFAULT_URL = "https://drive.usercontent.google.com/download?id=1AdMbVK110IKLG7wJKhga2N2fitV1bVPA&export=download&confirm=t"

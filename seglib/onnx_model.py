@@ -23,7 +23,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from model_utils import CheckpointError, inference_model
+from model_utils import inference_model
+from seglib.errors import CheckpointError
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAMES = "images", ("logits", "labels")

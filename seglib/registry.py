@@ -24,13 +24,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation
 
 from fcn import build_fcn
-from unet import build_unet
+from seglib.errors import CheckpointError, ModelError
+from seglib.unet import build_unet
 
 DEFAULT_MODEL = "fcn_resnet56v2"
-
-
-class ModelError(ValueError):
-    """An unknown model, or backbone weights that cannot be had or do not fit; the message says which."""
 
 
 def fold_conv_bn_(module):
@@ -192,4 +189,38 @@ def load_backbone_(model, name, state, source="state_dict"):
                             f"instead of {tuple(own[k].shape)}")
         raise ModelError(f"{source}: does not fit the backbone of {name} ({'; '.join(problems)})")
     model.backbone.load_state_dict({k: state[k] for k in own})
+    return model
+
+
+def has_ema(ckpt):
+    """Whether a checkpoint carries EMA weights (train.py --ema)."""
+    return isinstance(ckpt.get("ema"), dict)
+
+
+def checkpoint_model(cfg):
+    """(model name, its options) of a checkpoint's config. A config without a model name was written before the
+    registry existed: it is the book's FCN, whose options (depth, n_layers) are then top-level keys."""
+    if "model" in cfg:
+        return cfg["model"], dict(cfg.get("model_options", {}))
+    return DEFAULT_MODEL, {"depth": cfg["depth"], "n_layers": cfg["n_layers"]}
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
+    """Build the model a checkpoint describes and load its weights: the EMA weights when the run kept an EMA
+    (those are the ones it validated) unless ``ema`` is False; CheckpointError if they do not fit."""
+    cfg = ckpt["config"]
+    weights = ckpt["ema"]["model"] if ema and has_ema(ckpt) else ckpt["model"]
+    try:
+        name, options = checkpoint_model(cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: checkpoint config names no model and lacks {e}") from None
+    try:
+        model = build_model(name, cfg["n_classes"], **options)
+    except ModelError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError, TypeError) as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the model in its config ({first_line})") from None
     return model

@@ -1,0 +1,140 @@
+"""The training loop's parts: the book's optimizer and loss, one mixed-precision step, one epoch with host syncs
+only every CHECK_EVERY steps, Ctrl-C as a stop request, and the CPU time estimate."""
+import copy
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import distributed as dist
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model_utils import make_grad_scaler
+from seglib.ema import ModelEMA
+from seglib.errors import TrainingError
+from seglib.inference import to_input
+from seglib.schedules import set_lr
+
+
+CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
+
+
+def build_optimizer(model, lr, l2):
+    """Adam (Keras defaults, eps 1e-7) with the book's L2 on the backbone's conv kernels as weight decay.
+
+    Keras adds ``l2 * sum(w**2)`` to the loss, so the gradient gains ``2 * l2 * w``: that is Adam's (coupled)
+    weight_decay of ``2 * l2``, on those kernels only.
+    """
+    decayed = {id(p) for p in model.l2_parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in decayed], "weight_decay": 2 * l2},
+        {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
+
+
+def build_criterion():
+    """Pixel-wise cross-entropy on logits (the book's softmax + categorical cross-entropy)."""
+    return F.cross_entropy
+
+
+class StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current step; a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving last.pt (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train_step(model, criterion, optimizer, scaler, x, target, dtype):
+    """One optimizer step under autocast (``dtype`` None: float32); returns the loss, without a host sync."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        loss = criterion(model(x), target)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
+                    loss_state, is_main, world_size, lr_fn, after_step=None):
+    """Train one epoch from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each step and
+    calling ``after_step()`` (the EMA update) after it. Returns (loss_state, next_step, stopped).
+
+    ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
+    syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
+    bar and, when distributed, agrees on a stop with the other ranks.
+    """
+    model.train()
+    steps = start_step + len(loader)
+    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    t0, seen, step = time.perf_counter(), 0, start_step
+    for images, masks in loader:
+        x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
+        target = masks.to(device, non_blocking=True).long()  # (B, H, W)
+        lr = lr_fn(step)
+        set_lr(optimizer, lr)
+        loss = train_step(model, criterion, optimizer, scaler, x, target, dtype)
+        if after_step is not None:
+            after_step()
+        loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+        step += 1
+        seen += images.shape[0] * world_size
+        bar.update(1)
+        # under DDP every rank must reach the all_reduce below at the same steps, whichever rank saw Ctrl-C and
+        # when: a rank that entered it alone would pair it with the others' gradient all_reduce and hang
+        if step % CHECK_EVERY == 0 or step == steps or (stop.requested and world_size == 1):
+            flags = torch.tensor([float(stop.requested), 0.0 if torch.isfinite(loss_state[0]) else 1.0], device=device)
+            if world_size > 1:
+                dist.all_reduce(flags)
+            if flags[1] > 0:
+                raise TrainingError(f"loss is not finite at epoch {epoch + 1} step {step}: stopping; "
+                                    f"{Path(args.output_dir) / args.run_name / 'last.pt'} keeps the last good state")
+            rate = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{(loss_state[0] / loss_state[1]).item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            if flags[0] > 0:
+                bar.close()
+                return loss_state, step, True
+    bar.close()
+    return loss_state, step, False
+
+
+def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
+    """Minutes the run should take on this CPU, from timed training steps on a throwaway copy."""
+    model = copy.deepcopy(model)
+    optimizer = build_optimizer(model, args.lr, args.l2)
+    x = torch.rand(args.batch_size, 3, args.height, args.width)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(args.batch_size, args.height, args.width, dtype=torch.long)
+    scaler = make_grad_scaler(torch.device("cpu"), dtype)
+    ema = ModelEMA(model, args.ema) if args.ema else None
+    times = []
+    for _ in range(3):  # the first two steps pay for one-off allocations (the heap grows to a step's peak)
+        t = time.perf_counter()
+        train_step(model, F.cross_entropy, optimizer, scaler, x, y, dtype)  # not the run's criterion object
+        if ema is not None:
+            ema.update(model)  # as the run does after every step
+        times.append(time.perf_counter() - t)
+    per_image = min(times[1:]) / args.batch_size
+    # evaluation is a forward pass (about a third of a training step) plus native-size scoring; flip TTA: two
+    val_passes = 2 if args.tta == "flip" else 1
+    return per_image * (n_train + n_val / 2 * val_passes) * args.epochs / 60

@@ -1,0 +1,82 @@
+"""Running a trained model on batches: input scaling, the fast inference form, test-time augmentation, logits
+resized to the labels, and scoring a loader (what training's validation, evaluate.py, export.py and benchmark.py
+share)."""
+import torch
+from torch.nn import functional as F
+
+from model_utils import amp_dtype, inference_model
+from seglib.metrics import SegmentationMetrics
+
+
+TTA_MODES = ("none", "flip")
+
+
+def to_input(images, device, channels_last=False, dtype=None):
+    """uint8 (B, 3, H, W) images -> [0, 1] floats on ``device`` (the book's img_as_float scaling).
+
+    The copy to the device moves uint8, a quarter of the bytes of float32. ``dtype`` casts the result (for a
+    model whose weights were cast by ``inference_model``).
+    """
+    x = images.to(device, non_blocking=True).float().div_(255)
+    if dtype is not None:
+        x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def predict(fast, x, tta="none"):
+    """float32 (B, C, H, W) logits of ``fast`` on ``x``. ``tta="flip"``: the mean of the logits of ``x`` and of
+    its horizontal mirror, mirrored back (test-time augmentation; twice the compute)."""
+    logits = fast(x).float()
+    if tta == "flip":
+        logits = (logits + fast(x.flip(-1)).float().flip(-1)) / 2
+    elif tta != "none":
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    return logits
+
+
+def upsample_argmax(logits, size):
+    """Class map at ``size`` from (B, C, h, w) logits, resizing the logits (not the labels) bilinearly."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)  # (B, H, W)
+
+
+def predictor(model, dtype=None, channels_last=False, compile=False):
+    """The fast inference form of ``model`` (see model_utils.inference_model); an exported model already is one."""
+    if is_exported(model):
+        return model
+    return inference_model(model, dtype, channels_last, compile)
+
+
+def input_dtype(model, device, amp=True):
+    """The dtype ``model``'s inputs are cast to: the autocast dtype, float32 (None) for an exported model."""
+    return None if is_exported(model) else amp_dtype(device, amp)
+
+
+def is_exported(model):
+    """Whether ``model`` is an exported model (onnx_model.OnnxModel, run by onnxruntime) rather than PyTorch's."""
+    return not isinstance(model, torch.nn.Module)
+
+
+@torch.inference_mode()
+def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=False, keep_predictions=False,
+                   compile=False, tta="none"):
+    """Score ``model`` (a PyTorch model, or an OnnxModel) on an evaluation loader at native label resolution
+    (``compile``: through a frozen graph, see model_utils.FrozenInference; ``tta``: see ``predict``).
+
+    Returns (SegmentationMetrics, predictions): the predictions are uint8 (H, W) class maps in loader order
+    when ``keep_predictions`` is set, else None. The metrics are not reduced across ranks.
+    """
+    fast = predictor(model, dtype, channels_last, compile)  # BN folded, low-precision weights: a copy
+    metrics = SegmentationMetrics(n_classes, device)
+    predictions = [] if keep_predictions else None
+    for images, masks in loader:
+        logits = predict(fast, to_input(images, device, channels_last, dtype), tta)  # (B, C, h, w)
+        same_size = all(m.shape == masks[0].shape for m in masks)
+        preds = upsample_argmax(logits, masks[0].shape) if same_size else None
+        for i, mask in enumerate(masks):
+            pred = preds[i] if same_size else upsample_argmax(logits[i:i + 1], mask.shape)[0]
+            metrics.update(pred, mask.to(device, non_blocking=True))
+            if keep_predictions:
+                predictions.append(pred.to("cpu", torch.uint8).numpy())
+    return metrics, predictions

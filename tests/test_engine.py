@@ -1,0 +1,43 @@
+"""seglib/engine.py: the book's optimizer and loss, and the CPU time estimate's arithmetic."""
+import argparse
+
+import pytest
+import torch
+
+from fcn import build_fcn
+from seglib import engine
+
+
+def test_the_books_optimizer():
+    """Adam with Keras' defaults (eps 1e-7), the book's L2 of 1e-4 as coupled weight decay 2e-4 on exactly the
+    backbone's conv kernels, no decay on anything else."""
+    model = build_fcn(depth=11, n_layers=2)
+    optimizer = engine.build_optimizer(model, 1e-3, 1e-4)
+    assert isinstance(optimizer, torch.optim.Adam) and not optimizer.defaults.get("decoupled_weight_decay", False)
+    decayed, plain = optimizer.param_groups
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (2e-4, 0.0)
+    assert all(g["eps"] == 1e-7 and g["betas"] == (0.9, 0.999) and g["lr"] == 1e-3 for g in (decayed, plain))
+    kernels = {id(m.weight) for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {id(p) for p in decayed["params"]} == kernels
+    assert not kernels & {id(p) for p in plain["params"]}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_the_loss_is_pixelwise_cross_entropy_on_logits():
+    logits = torch.tensor([[[[2.0]], [[0.0]]]])  # (1, 2 classes, 1, 1)
+    target = torch.tensor([[[0]]])
+    expected = -torch.log(torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + 1))
+    assert engine.build_criterion()(logits, target).item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("tta, val_passes", [("none", 1), ("flip", 2)])
+def test_cpu_estimate_adds_up_training_and_validation(monkeypatch, tta, val_passes):
+    """Each timed step takes 2 s of a fake clock: 0.5 s an image at batch 4. An epoch is 100 training images and
+    10 validation images, each of those costing half a training image (a forward pass and native-size scoring),
+    twice with flip TTA."""
+    clock = iter(range(0, 1000, 2))
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: float(next(clock)))
+    args = argparse.Namespace(lr=1e-3, l2=1e-4, batch_size=4, height=32, width=40, channels_last=False, ema=0.0,
+                              tta=tta, epochs=3)
+    minutes = engine.estimate_cpu_minutes(build_fcn(depth=11, n_layers=1), args, None, n_train=100, n_val=10)
+    assert minutes == pytest.approx(0.5 * (100 + 10 / 2 * val_passes) * 3 / 60)

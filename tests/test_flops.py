@@ -1,0 +1,26 @@
+"""seglib/flops.py: FLOPs counted on the meta device, grouped convolutions' backward counted once."""
+import pytest
+import torch
+
+from seglib import flops
+
+
+def test_grouped_conv_backward_flops_are_counted_once():
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)  # depthwise, as in MobileNetV3
+    dense = torch.nn.Conv2d(64, 64, 3, padding=1)
+    for module, groups in ((conv, 64), (dense, 1)):
+        x = torch.rand(2, 64, 16, 16, requires_grad=True)
+        forward = 2 * 2 * 64 * (64 // groups) * 9 * 16 * 16
+        with torch.utils.flop_counter.FlopCounterMode(
+                display=False, custom_mapping={torch.ops.aten.convolution_backward: flops.conv_backward_flop}) as c:
+            module(x).sum().backward()
+        assert c.get_total_flops() == 3 * forward  # the forward, then the input and the weight gradients
+
+
+def test_flops_are_counted_on_the_meta_device_at_any_size():
+    """Counting allocates nothing: at 4800x6400 real tensors would need tens of GB. Convolution FLOPs grow with the
+    pixels, so the count is 2500 times the one at 96x128 (13.38 / 40.13 GFLOPs, counted on real tensors before)."""
+    small = flops.model_gflops("fcn_resnet56v2", 96, 128)
+    assert small == pytest.approx((13.38, 40.13), abs=0.01)
+    large = flops.model_gflops("fcn_resnet56v2", 4800, 6400)
+    assert large == pytest.approx((2500 * small[0], 2500 * small[1]), rel=1e-3)
