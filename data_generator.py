@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 
 from seglib.download import ANNOTATION_FILES, DEFAULT_DATA_PATH, download_drinks
-from seglib.errors import DataError, run_cli
+from seglib.errors import DataError, UsageError, check_flags, run_cli
 from seglib.files import image_size, read_image
 from seglib.joint_transforms import eval_transform, train_transform
 from seglib.plots import save_annotation_figure
@@ -78,16 +78,24 @@ class Annotations:
                            pick(self.sizes), pick(self._masks))
 
 
+def data_folder(data_path):
+    """``data_path`` as a Path; DataError if it is not a folder."""
+    root = Path(data_path)
+    if root.is_file():
+        raise DataError(f"{root}: is a file; --data-path takes the folder of the images and the JSON files")
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found (set --data-path or DRINKS_DATA, "
+                        f"or run: python data_generator.py --download)")
+    return root
+
+
 def load_annotations(data_path, split, legacy_masks=None, allow_pickle=False):
     """Read ``split`` ("train" or "test") from ``data_path`` and rasterise its masks once.
 
     With ``legacy_masks`` (a path to the book's .npy, needs ``allow_pickle``) masks come from that file instead.
     Only files the annotations list are touched; each mask has its own image's size.
     """
-    root = Path(data_path)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found (set --data-path or DRINKS_DATA, "
-                        f"or run: python data_generator.py --download)")
+    root = data_folder(data_path)
     if legacy_masks is not None:
         by_name = read_legacy_masks(legacy_masks, allow_pickle)
         names = sorted(by_name)
@@ -243,9 +251,11 @@ def make_dataset(data_path, split, height, width, augment="full", val_fraction=0
         train_idx, val_idx = split_indices(len(ann), val_fraction, seed)
         ann = ann.subset(train_idx if split == "train" else val_idx)
     if limit is not None:
-        ann = ann.subset(range(min(limit, len(ann))))
+        if limit > len(ann):
+            raise UsageError(f"--limit {limit}: split {split!r} of {data_path} has {len(ann)} images")
+        ann = ann.subset(range(limit))
     if len(ann) == 0:
-        raise DataError(f"{data_path}: split {split!r} is empty (val_fraction={val_fraction}, limit={limit})")
+        raise DataError(f"{data_path}: split {split!r} is empty (--val-fraction {val_fraction}, --limit {limit})")
     transform = train_transform(height, width, augment) if split == "train" else eval_transform(height, width)
     return SegmentationDataset(ann, transform, cache_images, workers), ann.class_names
 
@@ -279,10 +289,7 @@ def check_split(data_path, split, workers=8):
     Returns (Annotations of the sound entries, with their class maps; problems: one message per broken file,
     entry or region, all of them). A JSON file that cannot be read at all raises DataError.
     """
-    root = Path(data_path)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found (set --data-path or DRINKS_DATA, "
-                        f"or run: python data_generator.py --download)")
+    root = data_folder(data_path)
     json_path = root / ANNOTATION_FILES[split]
     problems = []
     class_names, entries = read_via(json_path, problems)
@@ -331,6 +338,7 @@ def get_args_parser():
 def main(args):
     """Check a split (every image decoded, every region filled; all problems listed, then exit 1) and print its
     summary, or download the dataset with --download."""
+    check_flags(args, [("--workers", lambda v: v >= 1, "at least 1")])
     if args.download:
         print(f"dataset ready at {download_drinks(args.data_path, args.url, archive=args.archive)}")
         return

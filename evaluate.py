@@ -10,57 +10,83 @@ definitions: the book's per-image mIoU and the standard dataset-level mIoU from 
     python evaluate.py --weights model.onnx        # a file from export.py, run by onnxruntime, same outputs
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from data_generator import default_data_path
 from model_utils import get_device, keep_freed_memory
-from seglib.errors import CheckpointError, DataError, run_cli
+from seglib.errors import CheckpointError, DataError, check_flags, run_cli
 from seglib.files import read_image
 from seglib.inference import TTA_MODES, input_dtype, predict, predictor, to_input, upsample_argmax
-from seglib.plots import overlay, save_mask_png
+from seglib.plots import overlay, save_image, save_mask_png
 from seglib.scoring import evaluate_checkpoint, load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def image_files(paths):
-    """Image files named in ``paths``, expanding folders (sorted); DataError for a path that does not exist."""
-    files = []
+    """(image files, names skipped) of ``paths``: folders are expanded (sorted) to their image files, and their other
+    files are skipped; a file named directly is always tried. DataError for a path that does not exist."""
+    files, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+            entries = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+            files += [f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES]
+            skipped += [f for f in entries if f.suffix.lower() not in IMAGE_SUFFIXES]
         elif p.is_file():
             files.append(p)
         else:
             raise DataError(f"{p}: no such image file or folder")
     if not files:
         raise DataError(f"{', '.join(map(str, paths))}: no images found")
-    return files
+    return files, skipped
+
+
+def output_stems(files):
+    """A distinct output name for each file: its stem, or, where stems collide (``a/x.jpg`` and ``b/x.png``), the
+    parent folder, stem and suffix (``a-x-jpg``), numbered if that still collides."""
+    stems = [f.stem for f in files]
+    names = [f"{f.parent.name}-{f.stem}-{f.suffix.lstrip('.')}" if stems.count(f.stem) > 1 else f.stem
+             for f in files]
+    return [name if names.count(name) == 1 else f"{name}-{names[:i].count(name) + 1}"
+            for i, name in enumerate(names)]
 
 
 @torch.inference_mode()
 def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False, tta="none", ema=True):
-    """Segment image files of any size: write ``<name>-mask.png`` and ``<name>-overlay.png`` to ``out_dir``."""
+    """Segment image files of any size: write ``<name>-mask.png`` and ``<name>-overlay.png`` to ``out_dir`` for
+    every file that reads, list every one that does not with its reason, and say how many of how many were
+    written; DataError at the end if any failed. Returns the masks written."""
     from torchvision.transforms.v2 import functional as TF
 
     device = get_device(device)
     model, ckpt = load_model(weights, device, ema)
     cfg, dtype = ckpt["config"], input_dtype(model, device, amp)
     fast = predictor(model, dtype, True, compile)
-    written = []
-    for path in image_files(paths):
-        image = read_image(path)  # (H, W, 3) uint8
+    files, skipped = image_files(paths)
+    written, failed = [], []
+    for path, name in zip(files, output_stems(files)):
+        try:
+            image = read_image(path)  # (H, W, 3) uint8
+        except DataError as e:
+            failed.append(str(e))
+            print(f"{path}: skipped, {e}", file=sys.stderr)
+            continue
         x = TF.resize(torch.from_numpy(image).permute(2, 0, 1), [cfg["height"], cfg["width"]], antialias=True)
         logits = predict(fast, to_input(x[None], device, True, dtype), tta)
         pred = upsample_argmax(logits, image.shape[:2])[0].to("cpu", torch.uint8).numpy()
-        stem = Path(out_dir) / path.stem
+        stem = Path(out_dir) / name
         save_mask_png(pred, f"{stem}-mask.png")
-        Image.fromarray(overlay(image, pred)).save(f"{stem}-overlay.png")
+        save_image(overlay(image, pred), f"{stem}-overlay.png")
         written.append(f"{stem}-mask.png")
         print(f"{path}: {stem}-mask.png, {stem}-overlay.png")
+    other = f"; {len(skipped)} files that are not images skipped" if skipped else ""
+    print(f"wrote masks and overlays of {len(written)} of {len(files)} images to {out_dir}{other}")
+    if failed:
+        raise DataError(f"{len(failed)} of {len(files)} images could not be read (listed above); the other "
+                        f"{len(written)} were written to {out_dir}")
     return written
 
 
@@ -105,6 +131,8 @@ def get_args_parser():
 
 def main(args):
     """Evaluate a checkpoint on a split, or segment the files given with --image-file."""
+    check_flags(args, [("--batch-size", lambda v: v >= 1, "at least 1"), ("--workers", lambda v: v >= 0, "0 or more"),
+                       ("--figures", lambda v: v >= 0, "0 or more"), ("--limit", lambda v: v >= 1, "at least 1")])
     keep_freed_memory()
     is_onnx = Path(args.weights).suffix.lower() == ".onnx"
     if args.compile and is_onnx:

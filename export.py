@@ -3,8 +3,9 @@
 The file holds the inference form of the model (eval mode, BatchNorm folded, float32) with dynamic batch,
 height and width; input ``images`` (B, 3, H, W) float32 in [0, 1], outputs ``logits`` and ``labels`` (the
 argmax class map); the class names and training input size are in its metadata (see seglib/onnx_model.py).
-After export, onnxruntime runs it on a few test images at the training size and its logits are compared
-with the PyTorch float32 model's; below ``--min-agreement`` of pixels with the same argmax, nothing is written.
+After export, onnxruntime runs it on a few test images at the training size (seeded random images where the
+dataset is not on this machine) and its logits are compared with the PyTorch float32 model's; below
+``--min-agreement`` of pixels with the same argmax, nothing is written.
 
     python export.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt --output model.onnx
     python evaluate.py --weights model.onnx                       # score it with the same metrics
@@ -18,7 +19,7 @@ import torch
 
 from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import load_checkpoint
-from seglib.errors import ExportError, run_cli
+from seglib.errors import DataError, ExportError, check_flags, run_cli
 from seglib.inference import to_input
 from seglib.onnx_model import OPSET, OnnxModel, export_onnx
 from seglib.registry import model_from_checkpoint
@@ -35,11 +36,17 @@ def compare(model, onnx_model, images):
 
 
 def check_images(data_path, config, n, workers=0):
-    """The first ``n`` test images, resized to the model's input size: a float32 (n, 3, H, W) batch."""
-    dataset, _ = make_dataset(data_path, "test", config["height"], config["width"], augment="none", limit=n,
-                              workers=workers)
-    images, _ = next(iter(build_loader(dataset, n, train=False, workers=0, pin_memory=False)))
-    return to_input(images, torch.device("cpu"))
+    """(a float32 (n, 3, H, W) batch at the model's input size, what it is): the first ``n`` test images, or,
+    where the dataset is not on this machine (export needs none), ``n`` seeded random images."""
+    try:
+        dataset, _ = make_dataset(data_path, "test", config["height"], config["width"], augment="none",
+                                  workers=workers)
+    except DataError as e:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(n, 3, config["height"], config["width"], generator=generator)
+        return images, f"{n} seeded random images (no test images: {e})"
+    images, _ = next(iter(build_loader(dataset, n, train=False, workers=0, pin_memory=False)))  # the first n
+    return to_input(images, torch.device("cpu")), f"{images.shape[0]} test images"
 
 
 def remove_quietly(path):
@@ -72,7 +79,8 @@ def get_args_parser():
     p.add_argument("--data-path", default=default_data_path(),
                    help="dataset whose test images check the export (default: $DRINKS_DATA or dataset/drinks)")
     p.add_argument("--check-images", type=int, default=4,
-                   help="test images to compare onnxruntime with PyTorch on (0: no check, no dataset needed)")
+                   help="test images to compare onnxruntime with PyTorch on, seeded random images where the dataset "
+                        "is not found (0: no check)")
     p.add_argument("--min-agreement", type=float, default=0.999,
                    help="least share of pixels whose argmax must agree with PyTorch float32")
     return p
@@ -80,7 +88,13 @@ def get_args_parser():
 
 def main(args):
     """Export, check against PyTorch, then move the file into place. Returns the check's numbers."""
+    check_flags(args, [("--check-images", lambda v: v >= 0, "0 or more"),
+                       ("--min-agreement", lambda v: 0 <= v <= 1, "between 0 and 1")])
+    if Path(args.weights).suffix.lower() == ".onnx":
+        raise ExportError(f"{args.weights}: is an ONNX file already; --weights takes a checkpoint (.pt)")
     output = Path(args.output or Path(args.weights).with_suffix(".onnx"))
+    if output.is_dir():
+        raise ExportError(f"{output}: is a folder; --output takes the ONNX file to write")
     print(f"exporting {args.weights} -> {output} (opset {args.opset}, TorchScript exporter, torch {torch.__version__})")
     ckpt = load_checkpoint(args.weights)
     model = model_from_checkpoint(ckpt, args.weights).eval()
@@ -88,12 +102,11 @@ def main(args):
     try:
         result = {"output": str(output), "max_abs_logit_diff": None, "argmax_agreement": None}
         if args.check_images > 0:
-            images = check_images(args.data_path, ckpt["config"], args.check_images)
+            images, source = check_images(args.data_path, ckpt["config"], args.check_images)
             diff, agreement = compare(model, OnnxModel(tmp), images)
-            result.update(max_abs_logit_diff=diff, argmax_agreement=agreement)
-            print(f"onnxruntime vs PyTorch float32 on {images.shape[0]} test images at "
-                  f"{images.shape[2]}x{images.shape[3]}: largest logit difference {diff:.2e}, "
-                  f"argmax agreement {agreement:.4%}")
+            result.update(max_abs_logit_diff=diff, argmax_agreement=agreement, checked_on=source)
+            print(f"onnxruntime vs PyTorch float32 on {source} at {images.shape[2]}x{images.shape[3]}: largest "
+                  f"logit difference {diff:.2e}, argmax agreement {agreement:.4%}")
             if agreement < args.min_agreement:
                 raise ExportError(f"{output}: onnxruntime agrees with PyTorch on only {agreement:.4%} of pixels "
                                   f"(< {args.min_agreement:.4%}); nothing written")

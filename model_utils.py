@@ -13,7 +13,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from seglib.errors import CheckpointError
+from seglib.errors import CheckpointError, UsageError
 
 CONFIG_KEYS = ("n_classes", "height", "width", "class_names")
 
@@ -56,8 +56,12 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely (``weights_only=True``: plain tensors and containers, no arbitrary objects)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: is an ONNX file, not a checkpoint (evaluate.py scores it; this needs a .pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
@@ -126,9 +130,20 @@ def default_workers(cap=8):
 
 
 def get_device(name=None):
-    """``torch.device(name)``, or the best available: cuda, then mps, then cpu."""
+    """``torch.device(name)``, or the best available: cuda, then mps, then cpu. UsageError (naming ``--device``)
+    for a name torch does not know or a device this machine does not have."""
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise UsageError(f"--device {name}: this machine has no {device.type} device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

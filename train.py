@@ -28,8 +28,8 @@ from resnet import L2_WEIGHT
 from seglib.download import ensure_data
 from seglib.ema import ModelEMA
 from seglib.engine import StopRequest, build_criterion, build_optimizer, estimate_cpu_minutes, train_one_epoch
-from seglib.errors import TrainingError, run_cli
-from seglib.files import append_jsonl, write_json
+from seglib.errors import TrainingError, UsageError, check_flags, run_cli
+from seglib.files import append_jsonl, read_jsonl, write_json
 from seglib.inference import TTA_MODES, evaluate_model
 from seglib.joint_transforms import AUGMENTATIONS
 from seglib.plots import plot_curves
@@ -109,9 +109,9 @@ def trim_metrics(path, epochs_done):
     """Keep only the metrics lines of epochs already in the checkpoint (a crash may have left one more)."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+    rows, _ = read_jsonl(path)  # a torn last line (a run killed while writing it) goes too
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= epochs_done))
     os.replace(tmp, path)
 
 
@@ -191,8 +191,42 @@ def resolve_args(args):
     return args
 
 
+# flags a resumed run must keep (the model's are checked with the model): they change the data, the split or the
+# steps; --epochs may change
+RESUME_FIXED = ("height", "width", "batch_size", "data_path", "val_fraction", "seed", "limit")
+
+
+def check_args(args):
+    """UsageError, naming the flag and its value, for a value the run cannot use; before anything is written."""
+    at_least = lambda n: (lambda v: v >= n)  # noqa: E731
+    check_flags(args, [
+        ("--epochs", at_least(1), "at least 1"), ("--batch-size", at_least(1), "at least 1"),
+        ("--height", at_least(32), "at least 32 (the model downsamples 32 times)"),
+        ("--width", at_least(32), "at least 32 (the model downsamples 32 times)"),
+        ("--workers", at_least(0), "0 or more"), ("--lr", at_least(0), "0 or more"), ("--l2", at_least(0), "0 or more"),
+        ("--warmup-epochs", at_least(0), "0 or more"), ("--limit", at_least(1), "at least 1"),
+        ("--val-fraction", lambda v: 0 < v < 1, "between 0 and 1, both excluded (the run needs training and "
+                                                 "validation images)")])
+
+
+def check_resume(args, ckpt, path):
+    """UsageError if this run's flags would change the run ``path`` holds (see RESUME_FIXED)."""
+    saved = ckpt.get("args", {})
+    for key in RESUME_FIXED:
+        if key not in saved:
+            continue
+        old, new = saved[key], getattr(args, key)
+        if key == "data_path":
+            old, new = str(Path(old).resolve()), str(Path(new).resolve())
+        if old != new:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} {getattr(args, key)}: {path} was trained with {flag} {saved[key]}; resume "
+                             f"with the same value (only --epochs may change)")
+
+
 def main(args):
     """Train, validate every epoch, keep last.pt and best.pt, and score best.pt on the test split."""
+    check_args(args)
     keep_freed_memory()
     args = resolve_args(args)
     info, device = init_distributed(args.device)
@@ -216,17 +250,16 @@ def _train(args, info, device):
     if ckpt is not None and checkpoint_model(ckpt["config"]) != wanted:
         raise TrainingError(f"{last_path} holds {checkpoint_model(ckpt['config'])}, not this run's {wanted}: "
                             f"resume with the same model flags")
+    if ckpt is not None:
+        check_resume(args, ckpt, last_path)
     dtype = amp_dtype(device, args.amp)
-    if info.is_main:
-        print(json.dumps(vars(args), indent=2))
-        print(f"device: {device}, autocast: {dtype}, processes: {info.world_size}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size},
-                   run_dir / "config.json")
     data_path = ensure_data(args.data_path) if info.is_main else Path(args.data_path)
     barrier(device)
     train_set, class_names = make_dataset(data_path, "train", args.height, args.width, args.augment,
                                           args.val_fraction, args.seed, args.limit, workers=args.workers)
+    if ckpt is not None and list(ckpt["config"]["class_names"]) != list(class_names):
+        raise UsageError(f"--data-path {args.data_path}: its classes {class_names} are not those of {last_path} "
+                         f"({ckpt['config']['class_names']})")
     val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.seed,
                               workers=args.workers)
     train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
@@ -234,8 +267,8 @@ def _train(args, info, device):
     val_loader = build_loader(val_set, args.batch_size, False, min(2, args.workers), args.seed, info.rank,
                               info.world_size)
     if len(train_loader) == 0:
-        raise TrainingError(f"{len(train_set)} training images give no full batch of {args.batch_size} "
-                            f"per process: lower --batch-size")
+        raise UsageError(f"--batch-size {args.batch_size}: {len(train_set)} training images give no full batch of "
+                         f"{args.batch_size} per process")
 
     model = build_model(args.model, len(class_names), **model_options(args.model, args))
     if args.pretrained_backbone and ckpt is None:
@@ -244,6 +277,12 @@ def _train(args, info, device):
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if info.is_main:  # every check has passed: only now is anything written
+        print(json.dumps(vars(args), indent=2))
+        print(f"device: {device}, autocast: {dtype}, processes: {info.world_size}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size},
+                   run_dir / "config.json")
     optimizer = build_optimizer(model, args.lr, args.l2)
     scaler = make_grad_scaler(device, dtype)
     criterion = build_criterion()

@@ -23,12 +23,37 @@ class ModelError(ValueError):
     """An unknown model, or backbone weights that cannot be had or do not fit; the message says which."""
 
 
-USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError, ModelError)
+class UsageError(ValueError):
+    """A flag whose value is out of range or does not fit the run; the message names the flag and the value."""
+
+
+USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError, ModelError, UsageError)
+
+
+def check_flags(args, rules):
+    """Raise UsageError for the first flag that breaks its rule. ``rules``: (flag, test of its value, what the
+    value must be), e.g. ``("--epochs", lambda v: v >= 1, "at least 1")``; a flag whose value is None (not
+    given) is not tested."""
+    for flag, ok, must in rules:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(ok(v) for v in values):
+            raise UsageError(f"{flag} {' '.join(map(str, values))}: must be {must}")
+
+
+def one_line(text):
+    """The first line of an exception's text (some libraries' messages run over many lines)."""
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def run_cli(main, parser):
-    """Run ``main(parser.parse_args())``; a user error becomes one line on stderr and exit status 1."""
+    """Run ``main(parser.parse_args())``. A user error, or a file that cannot be read or written (the OSError
+    names it), becomes one line on stderr and exit status 1, never a traceback."""
     try:
         main(parser.parse_args())
     except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"error: {where}{e.strerror or one_line(e)}")

@@ -1,6 +1,7 @@
 """Reading and writing files: images, JSON written through a temporary name, JSON lines (metrics.jsonl)."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +49,33 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path):
+    """(records, torn) of a JSON-lines file. A last line that is not complete JSON (a run killed while writing it)
+    is left out and ``torn`` is True; a broken line before the last raises DataError."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                return rows, True
+            raise DataError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    return rows, False
+
+
 def read_metrics(path):
-    """The records of a ``metrics.jsonl`` (or of the one in a run folder), one dict per epoch."""
+    """The records of a ``metrics.jsonl`` (or of the one in a run folder), one dict per epoch. A torn last line is
+    left out, saying so on stderr."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: no metrics.jsonl there")
-    try:
-        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not JSON lines ({e})") from None
-    if not rows or not all({"epoch", "seconds", "val"} <= set(r) for r in rows):
+    rows, torn = read_jsonl(path)
+    if torn:
+        print(f"{path}: the last line is incomplete (a run stopped while writing it); using the {len(rows)} complete "
+              f"lines", file=sys.stderr)
+    if not rows or not all(isinstance(r, dict) and {"epoch", "seconds", "val"} <= set(r) for r in rows):
         raise DataError(f"{path}: no epoch records with 'epoch', 'seconds' and 'val'")
     return rows

@@ -25,6 +25,15 @@ def overlay(image, mask, alpha=0.5):
     return out.astype(np.uint8)
 
 
+def save_image(image, path):
+    """Write a PIL image, or an (H, W, 3) uint8 array, as a PNG through a temporary name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def save_figure(fig, path, dpi=80):
     """Save a matplotlib figure through a temporary name, so a crash never leaves half a PNG."""
     path = Path(path)
@@ -76,14 +85,10 @@ def save_annotation_figure(ann, path, n=6, seed=0):
 
 def save_mask_png(pred, path):
     """Write a class map as a palette PNG: pixel values are class indices, colours make it viewable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(pred.astype(np.uint8), mode="P")
     flat = [v for rgb in PALETTE for v in rgb]
     img.putpalette(flat + [0] * (768 - len(flat)))
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_image(img, path)
 
 
 def _colour(mask):

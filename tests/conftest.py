@@ -31,3 +31,25 @@ def tiny_checkpoint(tmp_path_factory, drinks):
         "--run-name", "run", "--workers", "0", "--height", "60", "--width", "80", "--limit", "48", "--epochs", "1",
         "--seed", "3", "--no-test"]))
     return tmp / "weights" / "run" / "best.pt"
+
+
+@pytest.fixture
+def ctrl_c_at_step():
+    """A factory of cross-entropy criteria that send this process Ctrl-C (SIGINT) during their ``n``-th call, as a
+    user does in the middle of a run: ``monkeypatch.setattr(train, "build_criterion", lambda: ctrl_c_at_step(9))``."""
+    import signal
+
+    import torch
+
+    def criterion_for(n):
+        calls = {"n": 0}
+
+        def criterion(logits, target):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return torch.nn.functional.cross_entropy(logits, target)
+
+        return criterion
+
+    return criterion_for

@@ -6,7 +6,6 @@ generation is monkeypatched and runs everywhere."""
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import warnings
@@ -51,19 +50,11 @@ def _train_args(tmp_path, drinks, *extra):
 
 
 @needs_cuda
-def test_interrupted_cuda_run_resumes_on_one_gpu_and_under_fp16(tmp_path, drinks, monkeypatch):
+def test_interrupted_cuda_run_resumes_on_one_gpu_and_under_fp16(tmp_path, drinks, monkeypatch, ctrl_c_at_step):
     """Ctrl-C mid-epoch on CUDA, then --resume: from a last.pt whose RNG states are a 4-GPU run's list, on a GPU
     taken for one without bf16 (fp16 and a GradScaler, which the bf16 run saved disabled and empty)."""
-    calls = {"n": 0}
-
-    def criterion_with_ctrl_c(logits, target):
-        calls["n"] += 1
-        if calls["n"] == 9:  # epoch 2, step 3 of 6
-            os.kill(os.getpid(), signal.SIGINT)
-        return torch.nn.functional.cross_entropy(logits, target)
-
     common = ("--limit", 24, "--epochs", 2, "--workers", 2, "--no-test")
-    monkeypatch.setattr(train, "build_criterion", lambda: criterion_with_ctrl_c)
+    monkeypatch.setattr(train, "build_criterion", lambda: ctrl_c_at_step(9))  # epoch 2, step 3 of 6
     assert train.main(_train_args(tmp_path, drinks, *common)) is None
     last = tmp_path / "w" / "run" / "last.pt"
     ckpt = load_checkpoint(last)

@@ -35,9 +35,12 @@ def test_time_to_accuracy_figure_and_bad_input(tmp_path):
 
     with pytest.raises(DataError, match="no metrics.jsonl"):
         read_metrics(tmp_path / "missing")
-    (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="bad.jsonl: not JSON lines"):
+    (tmp_path / "bad.jsonl").write_text('{not json\n{"epoch": 1, "seconds": 2, "val": {}}\n')
+    with pytest.raises(DataError, match="bad.jsonl: line 1 is not JSON"):
         read_metrics(tmp_path / "bad.jsonl")
+    (tmp_path / "torn.jsonl").write_text("{not js")  # only a torn line: no complete epoch
+    with pytest.raises(DataError, match="torn.jsonl: no epoch records"):
+        read_metrics(tmp_path / "torn.jsonl")
     result = subprocess.run([sys.executable, str(ROOT / "curves.py"), "--run", f"x={tmp_path / 'missing'}",
                              "--output", str(tmp_path / "never.png")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "no metrics.jsonl" in result.stderr.strip().splitlines()[-1]

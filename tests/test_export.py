@@ -129,15 +129,17 @@ def test_foreign_and_broken_onnx_files_are_refused(tmp_path, drinks):
         evaluate.main(evaluate.get_args_parser().parse_args(["--weights", str(tmp_path / "none.onnx"), *args]))
 
 
-def test_unwritable_output_and_failed_check_leave_nothing(trained, tmp_path, drinks):
+def test_unwritable_output_and_failed_check_leave_nothing(trained, tmp_path, drinks, monkeypatch):
     weights, _, _ = trained
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ExportError, match="cannot write"):
         export.main(_export_args(weights, tmp_path / "a_file" / "m.onnx", drinks))
-    # an agreement no export can reach: the check fails and no file is left, not even the temporary one
+    # an export that disagrees with PyTorch: the check fails and no file is left, not even the temporary one
     (tmp_path / "out").mkdir()
-    with pytest.raises(ExportError, match="agrees with PyTorch on only"):
-        export.main(_export_args(weights, tmp_path / "out" / "m.onnx", drinks, "--min-agreement", 1.01))
+    monkeypatch.setattr(export, "compare", lambda model, onnx_model, images: (3.0, 0.5))
+    with pytest.raises(ExportError, match="agrees with PyTorch on only 50.0000% of pixels"):
+        export.main(_export_args(weights, tmp_path / "out" / "m.onnx", drinks))
+    monkeypatch.undo()
     assert list((tmp_path / "out").iterdir()) == []
     # without a check no dataset is needed
     export.main(_export_args(weights, tmp_path / "out" / "m.onnx", tmp_path / "no-data", "--check-images", 0))

@@ -111,7 +111,7 @@ def _weights(path):
 @pytest.mark.parametrize("schedule", [["--lr-schedule", "book"],
                                       ["--lr-schedule", "cosine", "--warmup-epochs", 0.5, "--ema", 0.9]],
                          ids=["book", "cosine-warmup-ema"])
-def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule):
+def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule, ctrl_c_at_step):
     """Resumed runs end with the uninterrupted run's weights, bit for bit. With cosine the rate changes every
     step, so a resume mid-epoch must set it again exactly, and the EMA must go on from its saved state. (Resuming with another --epochs changes the scaled,
     cosine and poly schedules by design, so the epoch-boundary resume runs with the book's.)"""
@@ -126,15 +126,7 @@ def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule)
         train.main(_args(part, drinks, *common, "--epochs", 2, "--resume"))
         resumed.append(part)
 
-    calls = {"n": 0}
-
-    def criterion_with_ctrl_c(logits, target):
-        calls["n"] += 1
-        if calls["n"] == 9:  # epoch 2, step 3 of 6
-            os.kill(os.getpid(), signal.SIGINT)
-        return torch.nn.functional.cross_entropy(logits, target)
-
-    monkeypatch.setattr(train, "build_criterion", lambda: criterion_with_ctrl_c)
+    monkeypatch.setattr(train, "build_criterion", lambda: ctrl_c_at_step(9))  # epoch 2, step 3 of 6
     assert train.main(_args(stopped, drinks, *common, "--epochs", 2)) is None
     ckpt = load_checkpoint(stopped / "weights" / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
