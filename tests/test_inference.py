@@ -39,6 +39,7 @@ def test_train_validates_and_tests_with_flip_tta(tmp_path, drinks, monkeypatch):
     train.main(train.get_args_parser().parse_args([
         "--data-path", str(drinks), "--output-dir", str(tmp_path / "w"), "--figures-dir", str(tmp_path / "f"),
         "--run-name", "tta", "--workers", "0", "--height", "32", "--width", "48", "--limit", "8", "--epochs", "1",
+        "--val-fraction", "0.01",
         "--tta", "flip"]))
     assert seen and set(seen) == {"flip"}  # every validation and test batch
     run = tmp_path / "w" / "tta"

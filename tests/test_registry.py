@@ -96,7 +96,7 @@ def _tiny_run(tmp_path, drinks, *extra):
 
 @pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "unet"])
 def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drinks, name):
-    run = _tiny_run(tmp_path, drinks, "--model", name)
+    run = _tiny_run(tmp_path, drinks, "--model", name, "--val-fraction", "0.01")
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == name
     ckpt = mu.load_checkpoint(run / "best.pt")
@@ -108,7 +108,7 @@ def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drink
     metrics = evaluate.main(args)
     # evaluate.py rebuilds the run's validation split and scores it as the run's own validation did
     validated = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val"]
-    assert metrics["n_images"] == validated["n_images"] == 100
+    assert metrics["n_images"] == validated["n_images"] == 10
     assert metrics["miou_per_image"] == pytest.approx(validated["miou_per_image"], abs=1e-9)
     assert metrics["miou"] == pytest.approx(validated["miou"], abs=1e-9)
     written = evaluate.main(evaluate.get_args_parser().parse_args(
@@ -122,7 +122,7 @@ def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drink
     assert result["argmax_agreement"] >= 0.999 and (tmp_path / "m.onnx").is_file()
     # resuming it as another model is refused, with the reason, before anything is trained
     with pytest.raises(TrainingError, match="resume with the same model flags"):
-        _tiny_run(tmp_path, drinks, "--resume", "--epochs", "2", "--model", "fcn_resnet56v2")
+        _tiny_run(tmp_path, drinks, "--resume", "--epochs", "2", "--model", "fcn_resnet56v2", "--val-fraction", "0.01")
 
 
 def test_checkpoint_written_before_the_registry_loads_as_the_books_fcn(tmp_path):
