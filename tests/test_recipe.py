@@ -56,7 +56,7 @@ def test_recipe_run_saves_its_resolved_flags(tmp_path, drinks):
     args = train.get_args_parser().parse_args([
         "--recipe", "cpu", "--data-path", str(drinks), "--output-dir", str(tmp_path / "w"), "--figures-dir",
         str(tmp_path / "f"), "--workers", "0", "--height", "48", "--width", "64", "--epochs", "1", "--limit", "8",
-        "--no-test"])
+        "--no-test", "--val-fraction", "0.01"])
     train.main(args)
     config = json.loads((tmp_path / "w" / "fcn-resnet56v2-4layer-drinks-cpu" / "config.json").read_text())
     assert config["recipe"] == "cpu"

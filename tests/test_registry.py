@@ -89,14 +89,14 @@ def _tiny_run(tmp_path, drinks, *extra):
     args = train.get_args_parser().parse_args([
         "--data-path", str(drinks), "--output-dir", str(tmp_path / "weights"), "--figures-dir",
         str(tmp_path / "figures"), "--workers", "0", "--height", "48", "--width", "64", "--limit", "16",
-        "--epochs", "1", "--no-test", "--run-name", "run", *extra])
+        "--epochs", "1", "--no-test", "--run-name", "run", "--val-fraction", "0.01", *extra])
     train.main(args)
     return tmp_path / "weights" / "run"
 
 
 @pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "unet"])
 def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drinks, name):
-    run = _tiny_run(tmp_path, drinks, "--model", name, "--val-fraction", "0.01")
+    run = _tiny_run(tmp_path, drinks, "--model", name)
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == name
     ckpt = mu.load_checkpoint(run / "best.pt")
@@ -122,7 +122,7 @@ def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drink
     assert result["argmax_agreement"] >= 0.999 and (tmp_path / "m.onnx").is_file()
     # resuming it as another model is refused, with the reason, before anything is trained
     with pytest.raises(TrainingError, match="resume with the same model flags"):
-        _tiny_run(tmp_path, drinks, "--resume", "--epochs", "2", "--model", "fcn_resnet56v2", "--val-fraction", "0.01")
+        _tiny_run(tmp_path, drinks, "--resume", "--epochs", "2", "--model", "fcn_resnet56v2")
 
 
 def test_checkpoint_written_before_the_registry_loads_as_the_books_fcn(tmp_path):

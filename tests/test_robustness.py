@@ -34,7 +34,7 @@ ROWS = [
     ("train", ["--val-fraction", "0"], 1, "--val-fraction 0.0: must be between 0 and 1"),
     ("train", ["--val-fraction", "1"], 1, "--val-fraction 1.0: must be between 0 and 1"),
     ("train", ["--limit", "0"], 1, "--limit 0: must be at least 1"),
-    ("train", ["--limit", "5000"], 1, "--limit 5000: split 'train' of .* has 900 images"),
+    ("train", ["--limit", "5000"], 1, "--limit 5000: split 'train' of .* has 995 images"),
     ("train", ["--limit", "2", "--batch-size", "4"], 1, "--batch-size 4: 2 training images give no full batch"),
     ("train", ["--device", "tpu"], 1, "--device tpu: not a device name"),
     ("train", ["--device", "mps"], 1, "--device mps: this machine has no mps device"),
@@ -103,7 +103,8 @@ def finished_run(tmp_path_factory, drinks):
     out = tmp_path_factory.mktemp("finished") / "weights"
     train.main(train.get_args_parser().parse_args(["--data-path", str(drinks), "--output-dir", str(out),
                                                    "--run-name", "run", "--limit", "8", "--epochs", "1",
-                                                   "--no-test", "--figures-dir", str(out.parent / "f"), *TINY]))
+                                                   "--val-fraction", "0.005", "--no-test", "--figures-dir",
+                                                   str(out.parent / "f"), *TINY]))
     return out / "run"
 
 
@@ -140,7 +141,8 @@ def test_bad_input_ends_in_one_clear_line(script, argv, status, message, finishe
               "bad_pt": str(work / "bad.pt"), "bad_onnx": str(work / "bad.onnx")}
     argv = [a.format(**places) for a in argv]
     defaults = {"train": ["--data-path", str(drinks), "--output-dir", str(work / "out"), "--figures-dir",
-                          str(work / "figs"), *TINY, "--limit", "8", "--epochs", "1", "--no-test"],
+                          str(work / "figs"), *TINY, "--limit", "8", "--epochs", "1", "--no-test",
+                          "--val-fraction", "0.005"],
                 "evaluate": ["--data-path", str(drinks), "--workers", "0", "--figures-dir", str(work / "figs"),
                              "--output-dir", str(work / "preds")],
                 "export": ["--data-path", str(drinks)],
@@ -167,7 +169,8 @@ def test_resume_with_a_torn_metrics_line_keeps_the_complete_epochs(finished_run,
     assert [r["epoch"] for r in rows] == [1]
     train.main(train.get_args_parser().parse_args(["--data-path", str(drinks), "--output-dir", str(tmp_path / "weights"),
                                                    "--run-name", "run", "--limit", "8", "--epochs", "2", "--resume",
-                                                   "--no-test", "--figures-dir", str(tmp_path / "f"), *TINY]))
+                                                   "--val-fraction", "0.005", "--no-test", "--figures-dir",
+                                                   str(tmp_path / "f"), *TINY]))
     assert [json.loads(ln)["epoch"] for ln in metrics.read_text().splitlines()] == [1, 2]
 
 
