@@ -32,7 +32,7 @@ from model_utils import (amp_dtype, default_workers, get_device, inference_model
                          make_grad_scaler, seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
 from seglib.engine import build_criterion, build_optimizer, train_step
-from seglib.errors import DataError, check_flags, run_cli
+from seglib.errors import DataError, at_least, check_flags, run_cli
 from seglib.flops import model_gflops
 from seglib.inference import to_input
 from seglib.registry import MODELS, build_model, model_options
@@ -328,11 +328,9 @@ def rounded(value):
 
 def main(args):
     """Run every measurement and print a table or one JSON line."""
-    at_least = lambda n: (lambda v: v >= n)  # noqa: E731
-    check_flags(args, [("--height", at_least(32), "at least 32"), ("--width", at_least(32), "at least 32"),
-                       ("--batch-size", at_least(1), "at least 1"), ("--steps", at_least(1), "at least 1"),
-                       ("--warmup", at_least(0), "0 or more"), ("--workers", at_least(0), "0 or more"),
-                       ("--data-images", at_least(1), "at least 1")])
+    check_flags(args, [at_least("--height", 32), at_least("--width", 32), at_least("--batch-size", 1),
+                       at_least("--steps", 1), at_least("--warmup", 0), at_least("--workers", 0),
+                       at_least("--data-images", 1)])
     device = get_device(args.device)
     args = resolve_args(args, device)
     torch.backends.cudnn.benchmark = True

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 
 from seglib.download import ANNOTATION_FILES, DEFAULT_DATA_PATH, download_drinks
-from seglib.errors import DataError, UsageError, check_flags, run_cli
+from seglib.errors import DataError, UsageError, at_least, check_flags, run_cli
 from seglib.files import image_size, read_image
 from seglib.joint_transforms import eval_transform, train_transform
 from seglib.plots import save_annotation_figure
@@ -338,7 +338,7 @@ def get_args_parser():
 def main(args):
     """Check a split (every image decoded, every region filled; all problems listed, then exit 1) and print its
     summary, or download the dataset with --download."""
-    check_flags(args, [("--workers", lambda v: v >= 1, "at least 1")])
+    check_flags(args, [at_least("--workers", 1)])
     if args.download:
         print(f"dataset ready at {download_drinks(args.data_path, args.url, archive=args.archive)}")
         return

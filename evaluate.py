@@ -11,13 +11,14 @@ definitions: the book's per-image mIoU and the standard dataset-level mIoU from 
 """
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from data_generator import default_data_path
 from model_utils import get_device, keep_freed_memory
-from seglib.errors import CheckpointError, DataError, check_flags, run_cli
+from seglib.errors import CheckpointError, DataError, at_least, check_flags, run_cli
 from seglib.files import read_image
 from seglib.inference import TTA_MODES, input_dtype, predict, predictor, to_input, upsample_argmax
 from seglib.plots import overlay, save_image, save_mask_png
@@ -47,11 +48,14 @@ def image_files(paths):
 def output_stems(files):
     """A distinct output name for each file: its stem, or, where stems collide (``a/x.jpg`` and ``b/x.png``), the
     parent folder, stem and suffix (``a-x-jpg``), numbered if that still collides."""
-    stems = [f.stem for f in files]
-    names = [f"{f.parent.name}-{f.stem}-{f.suffix.lstrip('.')}" if stems.count(f.stem) > 1 else f.stem
-             for f in files]
-    return [name if names.count(name) == 1 else f"{name}-{names[:i].count(name) + 1}"
-            for i, name in enumerate(names)]
+    stems = Counter(f.stem for f in files)
+    names = [f"{f.parent.name}-{f.stem}-{f.suffix.lstrip('.')}" if stems[f.stem] > 1 else f.stem for f in files]
+    totals, seen = Counter(names), Counter()
+    unique = []
+    for name in names:
+        seen[name] += 1
+        unique.append(name if totals[name] == 1 else f"{name}-{seen[name]}")
+    return unique
 
 
 @torch.inference_mode()
@@ -131,8 +135,8 @@ def get_args_parser():
 
 def main(args):
     """Evaluate a checkpoint on a split, or segment the files given with --image-file."""
-    check_flags(args, [("--batch-size", lambda v: v >= 1, "at least 1"), ("--workers", lambda v: v >= 0, "0 or more"),
-                       ("--figures", lambda v: v >= 0, "0 or more"), ("--limit", lambda v: v >= 1, "at least 1")])
+    check_flags(args, [at_least("--batch-size", 1), at_least("--workers", 0), at_least("--figures", 0),
+                       at_least("--limit", 1)])
     keep_freed_memory()
     is_onnx = Path(args.weights).suffix.lower() == ".onnx"
     if args.compile and is_onnx:

@@ -19,7 +19,7 @@ import torch
 
 from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import load_checkpoint
-from seglib.errors import DataError, ExportError, check_flags, run_cli
+from seglib.errors import DataError, ExportError, at_least, check_flags, run_cli
 from seglib.inference import to_input
 from seglib.onnx_model import OPSET, OnnxModel, export_onnx
 from seglib.registry import model_from_checkpoint
@@ -88,8 +88,7 @@ def get_args_parser():
 
 def main(args):
     """Export, check against PyTorch, then move the file into place. Returns the check's numbers."""
-    check_flags(args, [("--check-images", lambda v: v >= 0, "0 or more"),
-                       ("--min-agreement", lambda v: 0 <= v <= 1, "between 0 and 1")])
+    check_flags(args, [at_least("--check-images", 0), ("--min-agreement", lambda v: 0 <= v <= 1, "between 0 and 1")])
     if Path(args.weights).suffix.lower() == ".onnx":
         raise ExportError(f"{args.weights}: is an ONNX file already; --weights takes a checkpoint (.pt)")
     output = Path(args.output or Path(args.weights).with_suffix(".onnx"))

@@ -28,7 +28,7 @@ from resnet import L2_WEIGHT
 from seglib.download import ensure_data
 from seglib.ema import ModelEMA
 from seglib.engine import StopRequest, build_criterion, build_optimizer, estimate_cpu_minutes, train_one_epoch
-from seglib.errors import TrainingError, UsageError, check_flags, run_cli
+from seglib.errors import TrainingError, UsageError, at_least, check_flags, run_cli
 from seglib.files import append_jsonl, read_jsonl, write_json
 from seglib.inference import TTA_MODES, evaluate_model
 from seglib.joint_transforms import AUGMENTATIONS
@@ -198,13 +198,12 @@ RESUME_FIXED = ("height", "width", "batch_size", "data_path", "val_fraction", "s
 
 def check_args(args):
     """UsageError, naming the flag and its value, for a value the run cannot use; before anything is written."""
-    at_least = lambda n: (lambda v: v >= n)  # noqa: E731
     check_flags(args, [
-        ("--epochs", at_least(1), "at least 1"), ("--batch-size", at_least(1), "at least 1"),
-        ("--height", at_least(32), "at least 32 (the model downsamples 32 times)"),
-        ("--width", at_least(32), "at least 32 (the model downsamples 32 times)"),
-        ("--workers", at_least(0), "0 or more"), ("--lr", at_least(0), "0 or more"), ("--l2", at_least(0), "0 or more"),
-        ("--warmup-epochs", at_least(0), "0 or more"), ("--limit", at_least(1), "at least 1"),
+        at_least("--epochs", 1), at_least("--batch-size", 1),
+        at_least("--height", 32, "the model downsamples 32 times"),
+        at_least("--width", 32, "the model downsamples 32 times"),
+        at_least("--workers", 0), at_least("--lr", 0), at_least("--l2", 0), at_least("--warmup-epochs", 0),
+        at_least("--limit", 1),
         ("--val-fraction", lambda v: 0 < v < 1, "between 0 and 1, both excluded (the run needs training and "
                                                  "validation images)")])
 

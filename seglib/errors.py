@@ -41,6 +41,12 @@ def check_flags(args, rules):
             raise UsageError(f"{flag} {' '.join(map(str, values))}: must be {must}")
 
 
+def at_least(flag, n, why=""):
+    """The check_flags rule "``flag`` must be ``n`` or more" (``why``, if given, is said after it)."""
+    must = "0 or more" if n == 0 else f"at least {n}"
+    return flag, (lambda v: v >= n), f"{must} ({why})" if why else must
+
+
 def one_line(text):
     """The first line of an exception's text (some libraries' messages run over many lines)."""
     lines = str(text).strip().splitlines()
