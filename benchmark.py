@@ -31,7 +31,8 @@ from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory,
                          make_grad_scaler, seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
-from seglib.engine import build_criterion, build_optimizer, train_step
+from seglib.engine import build_optimizer, train_step
+from seglib.losses import build_criterion
 from seglib.errors import DataError, at_least, check_flags, run_cli
 from seglib.flops import model_gflops
 from seglib.inference import to_input

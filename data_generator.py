@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from seglib.errors import DataError, UsageError, at_least, check_flags, run_cli
 from seglib.files import image_size, read_image
 from seglib.joint_transforms import eval_transform, train_transform
 from seglib.plots import save_annotation_figure
-from seglib.via import DEFAULT_CLASS_NAMES, shape_pixels, rasterise, read_legacy_masks, read_via
+from seglib.via import DEFAULT_CLASS_NAMES, check_entry, rasterise, read_legacy_masks, read_via
 
 
 def default_data_path():
@@ -133,12 +134,16 @@ class SegmentationDataset(Dataset):
     Masks are rasterised up front, and with ``cache_images`` every image is decoded once (threads), so epochs
     and forked loader workers reuse the pixels; without it each image is read from disk on use.
     An ``(index, seed)`` key runs the transform under that seed (see EpochSampler): augmentation is then the
-    same whatever the number of workers, and an interrupted run can resume exactly.
+    same whatever the number of workers, and an interrupted run can resume exactly. An ``(index, seed, size,
+    flip)`` key also asks for another (height, width) (``make_transform(height, width)`` builds its transform;
+    None: the dataset's own) and, when ``flip`` is not None, mirrors the pair first if it is true.
     """
 
-    def __init__(self, annotations, transform=None, cache_images=True, workers=4):
+    def __init__(self, annotations, transform=None, cache_images=True, workers=4, make_transform=None):
         self.annotations = annotations
         self.transform = transform
+        self.make_transform = make_transform
+        self._sized = {}  # (height, width) -> transform, built on first use in each process
         self.masks = annotations.masks  # (H, W) uint8 each, filled once here, before workers fork
         self.images = None
         if cache_images:
@@ -157,18 +162,29 @@ class SegmentationDataset(Dataset):
     def __len__(self):
         return len(self.annotations)
 
+    def _transform_at(self, size):
+        if size is None or self.make_transform is None:
+            return self.transform
+        if size not in self._sized:
+            self._sized[size] = self.make_transform(*size)
+        return self._sized[size]
+
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
+        index, seed, size, flip = (key + (None, None))[:4] if isinstance(key, tuple) else (key, None, None, None)
         image = self.images[index] if self.images is not None else self._read(index)
-        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))  # (3, H, W) uint8
-        mask = tv_tensors.Mask(torch.from_numpy(self.masks[index]))  # (H, W) uint8
-        if self.transform is not None:
+        image = torch.from_numpy(image).permute(2, 0, 1)  # (3, H, W) uint8
+        mask = torch.from_numpy(self.masks[index])  # (H, W) uint8
+        if flip:
+            image, mask = image.flip(-1), mask.flip(-1)
+        image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        transform = self._transform_at(size)
+        if transform is not None:
             if seed is None:
-                image, mask = self.transform(image, mask)
+                image, mask = transform(image, mask)
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    image, mask = self.transform(image, mask)
+                    image, mask = transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
@@ -177,17 +193,31 @@ class EpochSampler(DistributedSampler):
     ``(index, sample_seed)`` keys whose seed fixes that sample's augmentation.
 
     Call ``set_epoch`` before each epoch. ``skip`` leaves out this rank's first samples of the epoch, to resume
-    mid-epoch. Without a process group it is a single replica.
+    mid-epoch. Without a process group it is a single replica. ``size`` (height, width), when set, asks the
+    dataset for that input size this epoch (progressive resizing). ``alternate_flips``: each image is mirrored
+    on alternate epochs, starting from a seeded coin toss per image, instead of at random.
     """
 
     def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
+        self.size = None
+        self.alternate_flips = False
+
+    def flips(self):
+        """(N,) bool: the images mirrored this epoch under ``alternate_flips`` (None when off)."""
+        if not self.alternate_flips:
+            return None
+        first = np.random.default_rng([self.seed, 1]).integers(0, 2, len(self.dataset)).astype(bool)
+        return first ^ bool(self.epoch % 2)
 
     def __iter__(self):
         indices = list(super().__iter__())[self.skip:]
         seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(len(self.dataset), np.uint64)
-        return iter([(i, int(seeds[i] >> np.uint64(1))) for i in indices])
+        flips = self.flips()
+        size = None if self.size is None else tuple(self.size)
+        return iter([(i, int(seeds[i] >> np.uint64(1)), size, None if flips is None else bool(flips[i]))
+                     for i in indices])
 
     def __len__(self):
         return self.num_samples - self.skip
@@ -239,9 +269,10 @@ def loader_context(workers):
 
 
 def make_dataset(data_path, split, height, width, augment="full", val_fraction=0.1, seed=0, limit=None,
-                 cache_images=True, workers=4, legacy_masks=None, allow_pickle=False):
+                 cache_images=True, workers=4, legacy_masks=None, allow_pickle=False, random_flip=True):
     """The dataset of ``split``: "train" and "val" are a seeded split of the training annotations, "test" the
-    test file. ``limit`` keeps the first N images of the split (smoke runs). Returns (dataset, class_names)."""
+    test file. ``limit`` keeps the first N images of the split (smoke runs); ``random_flip=False`` leaves the
+    training flips to the sampler. Returns (dataset, class_names)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     if split == "test":
@@ -256,31 +287,13 @@ def make_dataset(data_path, split, height, width, augment="full", val_fraction=0
         ann = ann.subset(range(limit))
     if len(ann) == 0:
         raise DataError(f"{data_path}: split {split!r} is empty (--val-fraction {val_fraction}, --limit {limit})")
-    transform = train_transform(height, width, augment) if split == "train" else eval_transform(height, width)
-    return SegmentationDataset(ann, transform, cache_images, workers), ann.class_names
+    if split != "train":
+        return SegmentationDataset(ann, eval_transform(height, width), cache_images, workers), ann.class_names
+    make = partial(train_transform, augment=augment, random_flip=random_flip)
+    return SegmentationDataset(ann, make(height, width), cache_images, workers, make), ann.class_names
 
 
 # --------------------------------------------------------------------------------------------------- check
-
-def _check_entry(root, json_path, name, regions):
-    """Decode one listed image and fill each of its regions: (class map, or None if the image is broken; problems)."""
-    path = root / name
-    try:
-        image = read_image(path, f"{json_path}: entry {name!r}: {path}")
-    except DataError as e:
-        return None, [str(e)]
-    height, width = image.shape[:2]
-    mask, problems = np.zeros((height, width), dtype=np.uint8), []
-    for i, (shape, class_id) in enumerate(regions):
-        try:
-            rows, cols = shape_pixels(shape, height, width)
-        except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"{json_path}: entry {name!r} region {i}: cannot fill its {shape.get('name')} "
-                            f"({type(e).__name__}: {e})")
-            continue
-        mask[rows, cols] = class_id
-    return mask, problems
-
 
 def check_split(data_path, split, workers=8):
     """Read everything a split lists, as a user's first check of their data: every entry and region of the JSON,
@@ -294,7 +307,7 @@ def check_split(data_path, split, workers=8):
     problems = []
     class_names, entries = read_via(json_path, problems)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(lambda entry: _check_entry(root, json_path, *entry), entries))
+        results = list(pool.map(lambda entry: check_entry(root, json_path, *entry), entries))
     sound = [(name, mask) for (name, _), (mask, _) in zip(entries, results) if mask is not None]
     problems += [p for _, entry_problems in results for p in entry_problems]
     return Annotations(root, [n for n, _ in sound], class_names, masks=[m for _, m in sound]), problems

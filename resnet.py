@@ -222,6 +222,20 @@ class FeaturePyramid(nn.Module):
         return levels
 
 
+def zero_init_residual_(model):
+    """Zero the last conv kernel of every bottleneck unit in ``model``, so each unit starts as the identity.
+
+    The airbench/Goyal et al. trick zeroes the last BatchNorm scale of a unit; in a pre-activation unit that BN
+    feeds a ReLU, whose gradient at 0 is 0, so the zeroed scale would never train. A zero conv3 kernel still
+    gets a gradient (timm's ``zero_init_last`` for pre-activation units does the same). Returns the number of
+    units zeroed.
+    """
+    units = [unit for unit in model.modules() if isinstance(unit, Bottleneck)]
+    for unit in units:
+        nn.init.zeros_(unit.conv3.weight)
+    return len(units)
+
+
 def build_resnet_v2(depth=56):
     """The ResNet-v2 backbone of the given depth (9n + 2)."""
     return ResNetV2(depth)

@@ -24,61 +24,27 @@ from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed,
                          keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler, rng_state,
                          save_checkpoint, seed_everything, set_rng_state)
-from resnet import L2_WEIGHT
+from resnet import L2_WEIGHT, zero_init_residual_
 from seglib.download import ensure_data
 from seglib.ema import ModelEMA
-from seglib.engine import StopRequest, build_criterion, build_optimizer, estimate_cpu_minutes, train_one_epoch
+from seglib.engine import StopRequest, build_optimizer, estimate_cpu_minutes, train_one_epoch
 from seglib.errors import TrainingError, UsageError, at_least, check_flags, run_cli
 from seglib.files import append_jsonl, read_jsonl, write_json
 from seglib.inference import TTA_MODES, evaluate_model
 from seglib.joint_transforms import AUGMENTATIONS
+from seglib.losses import LOSSES, Criterion, build_criterion, median_frequency_weights, pixel_shares
+from seglib.recipes import (CPU_COMMAND, RECIPES, RecipeArgumentParser, class_weights, ema_decay, epoch_size,
+                            progressive_step, recipe_flags)
 from seglib.plots import plot_curves
 from seglib.registry import (MODELS, build_model, checkpoint_model, load_backbone_, model_options,
                              read_backbone_weights, run_name)
 from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
 from seglib.scoring import evaluate_checkpoint
 
-# Named recipes: `--recipe NAME` makes these the defaults of their flags; flags given explicitly still win.
-# cpu: chosen on the validation split to train, validate and test in under half an hour on 2 CPU cores (README)
-RECIPES = {
-    "cpu": {"height": 96, "width": 128, "epochs": 10, "augment": "flip", "lr_schedule": "cosine",
-            "warmup_epochs": 1.0, "tta": "flip"},
-}
-# README's CPU recipe, which the start message of a CPU run gives in full
-CPU_COMMAND = "python train.py --recipe cpu"
-
-
 def default_run_name(args):
     """A name built from the model and the recipe, e.g. ``fcn-resnet56v2-4layer-drinks`` (``...-cpu``)."""
     name = f"{run_name(args.model, model_options(args.model, args))}-drinks"
     return f"{name}-{args.recipe}" if args.recipe else name
-
-
-def recipe_flags(name):
-    """The command-line flags that ``--recipe name`` stands for, e.g. ``--height 96 --width 128 ...``."""
-    return " ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in RECIPES[name].items())
-
-
-class RecipeArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose ``--recipe NAME`` replaces the defaults of the flags in ``RECIPES[NAME]``.
-
-    Flags given on the command line keep their values whatever their position, so ``--recipe cpu --epochs 5``
-    and ``--epochs 5 --recipe cpu`` both train 5 epochs.
-    """
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        if getattr(parsed, "recipe", None) is None:
-            return parsed, extras
-        # argparse fills in a default only where the namespace lacks the attribute, so a flag whose value is
-        # still the marker afterwards was not given explicitly
-        unset = object()
-        marked = argparse.Namespace(**{dest: unset for dest in RECIPES[parsed.recipe]})
-        explicit, _ = super().parse_known_args(args, marked)
-        for dest, value in RECIPES[parsed.recipe].items():
-            if getattr(explicit, dest) is unset:
-                setattr(parsed, dest, value)
-        return parsed, extras
 
 
 def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state, ema=None):
@@ -113,14 +79,6 @@ def trim_metrics(path, epochs_done):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= epochs_done))
     os.replace(tmp, path)
-
-
-def ema_decay(text):
-    """argparse type of --ema: 0 (off) or a decay in (0, 1)."""
-    value = float(text)
-    if value != 0 and not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"EMA decay must be 0 (off) or in (0, 1), got {text}")
-    return value
 
 
 def get_args_parser():
@@ -179,7 +137,29 @@ def get_args_parser():
                         "step, e.g. 0.999 (0: off, the book)")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation of the validation and the final test evaluation: flip averages the "
-                        "logits of each image and its mirror (the book: none)")
+                        "logits of each image and its mirror, scales those of the image at 1, 1.25 and 1.5 times "
+                        "the input size, flip+scales both (the book: none)")
+    p.add_argument("--val-tta", default=None, choices=TTA_MODES,
+                   help="test-time augmentation of the validation only (default: --tta's); a cheaper one keeps "
+                        "the epochs short")
+    p.add_argument("--loss", default="ce", choices=LOSSES,
+                   help="training loss: ce (the book's cross-entropy), dice (soft Dice), lovasz (Lovász-Softmax per "
+                        "image), ce+dice or ce+lovasz (cross-entropy plus --loss-weight times the other)")
+    p.add_argument("--loss-weight", type=float, default=1.0, help="weight of the Dice or Lovász term of ce+dice and "
+                                                                   "ce+lovasz")
+    p.add_argument("--class-weights", type=class_weights, default="none", metavar="none|auto|W0,W1,...",
+                   help="class weights of the cross-entropy: none (the book), auto (median frequency balancing: "
+                        "w_c = median(f) / f_c, where f_c is the share of the training split's pixels in class c) "
+                        "or one number per class, comma-separated")
+    p.add_argument("--progressive", type=progressive_step, nargs="+", default=[], metavar="HxW:UNTIL",
+                   help="progressive resizing: train at HxW until that fraction of the epochs, then at the next "
+                        "step's size, and at --height x --width after the last step (e.g. 64x96:0.5); default: "
+                        "--height x --width throughout")
+    p.add_argument("--flips", choices=("random", "alternate"), default="random",
+                   help="horizontal flips of --augment flip and full: random (each image, each epoch), or "
+                        "alternate (each image mirrored every other epoch, from a seeded first toss)")
+    p.add_argument("--zero-init-residual", action="store_true",
+                   help="start each bottleneck unit as the identity (its last conv kernel zero); off: the book's init")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-split evaluation")
     return p
 
@@ -203,9 +183,30 @@ def check_args(args):
         at_least("--height", 32, "the model downsamples 32 times"),
         at_least("--width", 32, "the model downsamples 32 times"),
         at_least("--workers", 0), at_least("--lr", 0), at_least("--l2", 0), at_least("--warmup-epochs", 0),
-        at_least("--limit", 1),
+        at_least("--limit", 1), at_least("--loss-weight", 0),
         ("--val-fraction", lambda v: 0 < v < 1, "between 0 and 1, both excluded (the run needs training and "
                                                  "validation images)")])
+    if args.flips == "alternate" and args.augment == "none":
+        raise UsageError("--flips alternate: flips need --augment flip or full (--augment none has none)")
+    untils = [step[2] for step in args.progressive]
+    if untils != sorted(set(untils)):
+        raise UsageError(f"--progressive {' '.join(f'{h}x{w}:{u}' for h, w, u in args.progressive)}: the UNTIL "
+                         f"fractions must increase from step to step")
+
+
+def resolve_class_weights(choice, train_set, class_names):
+    """The cross-entropy's (C,) class weights for --class-weights ``choice`` (None for "none"), printed."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        weights = median_frequency_weights(pixel_shares(train_set.masks, len(class_names)))
+    elif len(choice) != len(class_names):
+        raise UsageError(f"--class-weights {','.join(map(str, choice))}: needs one weight per class, "
+                         f"{len(class_names)} ({', '.join(class_names)})")
+    else:
+        weights = torch.tensor(choice, dtype=torch.float32)
+    print("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weights.tolist())))
+    return weights
 
 
 def check_resume(args, ckpt, path):
@@ -255,7 +256,8 @@ def _train(args, info, device):
     data_path = ensure_data(args.data_path) if info.is_main else Path(args.data_path)
     barrier(device)
     train_set, class_names = make_dataset(data_path, "train", args.height, args.width, args.augment,
-                                          args.val_fraction, args.seed, args.limit, workers=args.workers)
+                                          args.val_fraction, args.seed, args.limit, workers=args.workers,
+                                          random_flip=args.flips == "random")
     if ckpt is not None and list(ckpt["config"]["class_names"]) != list(class_names):
         raise UsageError(f"--data-path {args.data_path}: its classes {class_names} are not those of {last_path} "
                          f"({ckpt['config']['class_names']})")
@@ -269,7 +271,10 @@ def _train(args, info, device):
         raise UsageError(f"--batch-size {args.batch_size}: {len(train_set)} training images give no full batch of "
                          f"{args.batch_size} per process")
 
+    weights = resolve_class_weights(args.class_weights, train_set, class_names)
     model = build_model(args.model, len(class_names), **model_options(args.model, args))
+    if args.zero_init_residual and zero_init_residual_(model) == 0:
+        raise UsageError(f"--zero-init-residual: --model {args.model} has no ResNet-v2 bottleneck units")
     if args.pretrained_backbone and ckpt is None:
         state = read_backbone_weights(args.model, args.pretrained_backbone)
         load_backbone_(model, args.model, state, args.pretrained_backbone)
@@ -284,7 +289,7 @@ def _train(args, info, device):
                    run_dir / "config.json")
     optimizer = build_optimizer(model, args.lr, args.l2)
     scaler = make_grad_scaler(device, dtype)
-    criterion = build_criterion()
+    criterion = build_criterion(args.loss, weights, args.loss_weight)
     start_epoch, start_step, best = 0, 0, -1.0
     loss_state = torch.zeros(2, dtype=torch.float64, device=device)
     if ckpt is not None:
@@ -309,9 +314,11 @@ def _train(args, info, device):
     if args.compile:
         train_model = torch.compile(train_model)
     if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
-        minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set))
+        minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set),
+                                       Criterion(args.loss, weights, args.loss_weight))
+        sizes = " then ".join([f"{h}x{w}" for h, w, _ in args.progressive] + [f"{args.height}x{args.width}"])
         print(f"no GPU: training on the CPU. Estimated time for {args.epochs} epochs of {len(train_set)} images "
-              f"at {args.height}x{args.width}: {minutes:.0f} min. The CPU recipe (about half an hour on 2 cores, "
+              f"at {sizes}: {minutes:.0f} min. The CPU recipe (about half an hour on 2 cores, "
               f"README.md): {CPU_COMMAND}")
 
     with StopRequest() as stop:
@@ -322,7 +329,10 @@ def _train(args, info, device):
                                      args.lr, args.warmup_epochs)
 
             lr = lr_fn(0)
+            size = epoch_size(args.progressive, epoch, args.epochs, (args.height, args.width))
             train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.size = size
+            train_loader.sampler.alternate_flips = args.flips == "alternate"
             train_loader.sampler.skip = start_step * args.batch_size if epoch == start_epoch else 0
             t0 = time.perf_counter()
             loss_state, step, stopped = train_one_epoch(
@@ -338,7 +348,7 @@ def _train(args, info, device):
             scored = model if ema is None else ema.module
             broadcast_buffers(scored)
             val_acc, _ = evaluate_model(scored, val_loader, device, len(class_names), dtype, args.channels_last,
-                                        tta=args.tta)
+                                        tta=args.val_tta or args.tta)
             val_acc.all_reduce()
             val = val_acc.compute(class_names)
             train_loss = (loss_state[0] / loss_state[1]).item()
@@ -346,7 +356,7 @@ def _train(args, info, device):
             improved = val["miou_per_image"] > best
             best = max(best, val["miou_per_image"])
             if info.is_main:
-                record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, "size": list(size),
                           "seconds": round(time.perf_counter() - t0, 2),
                           "val": {k: v for k, v in val.items() if k != "per_class"},
                           "val_iou_per_class": [r["iou"] for r in val["per_class"]]}

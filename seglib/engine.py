@@ -13,7 +13,8 @@ from tqdm import tqdm
 from model_utils import make_grad_scaler
 from seglib.ema import ModelEMA
 from seglib.errors import TrainingError
-from seglib.inference import to_input
+from seglib.inference import to_input, tta_cost
+from seglib.recipes import epoch_size
 from seglib.schedules import set_lr
 
 
@@ -33,11 +34,6 @@ def build_optimizer(model, lr, l2):
     ]
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
-
-
-def build_criterion():
-    """Pixel-wise cross-entropy on logits (the book's softmax + categorical cross-entropy)."""
-    return F.cross_entropy
 
 
 class StopRequest:
@@ -117,24 +113,35 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
     return loss_state, step, False
 
 
-def estimate_cpu_minutes(model, args, dtype, n_train, n_val):
-    """Minutes the run should take on this CPU, from timed training steps on a throwaway copy."""
+def _seconds_per_image(model, args, dtype, criterion, height, width):
+    """Seconds a training step takes per image at (height, width), on a throwaway copy of ``model``."""
     model = copy.deepcopy(model)
     optimizer = build_optimizer(model, args.lr, args.l2)
-    x = torch.rand(args.batch_size, 3, args.height, args.width)
+    x = torch.rand(args.batch_size, 3, height, width)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.zeros(args.batch_size, args.height, args.width, dtype=torch.long)
+    y = torch.zeros(args.batch_size, height, width, dtype=torch.long)
     scaler = make_grad_scaler(torch.device("cpu"), dtype)
     ema = ModelEMA(model, args.ema) if args.ema else None
     times = []
     for _ in range(3):  # the first two steps pay for one-off allocations (the heap grows to a step's peak)
         t = time.perf_counter()
-        train_step(model, F.cross_entropy, optimizer, scaler, x, y, dtype)  # not the run's criterion object
+        train_step(model, criterion, optimizer, scaler, x, y, dtype)
         if ema is not None:
             ema.update(model)  # as the run does after every step
         times.append(time.perf_counter() - t)
-    per_image = min(times[1:]) / args.batch_size
-    # evaluation is a forward pass (about a third of a training step) plus native-size scoring; flip TTA: two
-    val_passes = 2 if args.tta == "flip" else 1
-    return per_image * (n_train + n_val / 2 * val_passes) * args.epochs / 60
+    return min(times[1:]) / args.batch_size
+
+
+def estimate_cpu_minutes(model, args, dtype, n_train, n_val, criterion=F.cross_entropy):
+    """Minutes the run should take on this CPU, from timed training steps of ``criterion`` at each input size the
+    run trains at (see --progressive)."""
+    final = (args.height, args.width)
+    sizes = [epoch_size(getattr(args, "progressive", []), e, args.epochs, final) for e in range(args.epochs)]
+    per_image = {size: _seconds_per_image(model, args, dtype, criterion, *size) for size in sorted(set(sizes))}
+    # evaluation, at the final size, is a forward pass (about a third of a training step) plus native-size
+    # scoring, per TTA view
+    val_tta = getattr(args, "val_tta", None) or args.tta
+    val = per_image[final] if final in per_image else _seconds_per_image(model, args, dtype, criterion, *final)
+    seconds = sum(per_image[size] * n_train + val * n_val / 2 * tta_cost(val_tta) for size in sizes)
+    return seconds / 60

@@ -8,7 +8,8 @@ from model_utils import amp_dtype, inference_model
 from seglib.metrics import SegmentationMetrics
 
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "scales", "flip+scales")
+TTA_SCALES = (1.0, 1.25, 1.5)  # input sizes of the "scales" modes, relative to the model's input size
 
 
 def to_input(images, device, channels_last=False, dtype=None):
@@ -23,15 +24,42 @@ def to_input(images, device, channels_last=False, dtype=None):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def predict(fast, x, tta="none"):
-    """float32 (B, C, H, W) logits of ``fast`` on ``x``. ``tta="flip"``: the mean of the logits of ``x`` and of
-    its horizontal mirror, mirrored back (test-time augmentation; twice the compute)."""
-    logits = fast(x).float()
-    if tta == "flip":
-        logits = (logits + fast(x.flip(-1)).float().flip(-1)) / 2
-    elif tta != "none":
+def tta_views(tta):
+    """The (scale, mirrored) views that ``tta`` averages over."""
+    if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-    return logits
+    scales = TTA_SCALES if "scales" in tta else (1.0,)
+    return [(scale, mirrored) for scale in scales for mirrored in ((False, True) if "flip" in tta else (False,))]
+
+
+def tta_cost(tta):
+    """Compute of ``tta`` in forward passes at the model's input size (pixels count: a 1.5x view costs 2.25)."""
+    return sum(scale ** 2 for scale, _ in tta_views(tta))
+
+
+def _resize(x, size):
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False).to(x.dtype)
+
+
+def predict(fast, x, tta="none"):
+    """float32 (B, C, H, W) logits of ``fast`` on ``x`` (H, W: the model's input size), averaged over the views of
+    ``tta`` (test-time augmentation): ``"flip"`` adds the horizontal mirror, mirrored back (twice the compute);
+    ``"scales"`` runs ``x`` resized bilinearly to each of TTA_SCALES of its size, the logits resized back to
+    (H, W); ``"flip+scales"`` both (see tta_cost)."""
+    size = x.shape[-2:]
+    total = None
+    for scale, mirrored in tta_views(tta):
+        view = _resize(x, (round(size[0] * scale), round(size[1] * scale)))
+        if mirrored:
+            view = view.flip(-1)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            view = view.contiguous(memory_format=torch.channels_last)
+        logits = fast(view).float()
+        logits = _resize(logits.flip(-1) if mirrored else logits, size)
+        total = logits if total is None else total + logits
+    return total / len(tta_views(tta))
 
 
 def upsample_argmax(logits, size):

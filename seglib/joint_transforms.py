@@ -6,25 +6,28 @@ from torchvision.transforms import v2
 AUGMENTATIONS = ("full", "flip", "none")  # see train_transform
 
 
-def train_transform(height, width, augment="full"):
+def train_transform(height, width, augment="full", random_flip=True):
     """Joint image/mask transform for training: resize to (height, width), with ``augment``:
 
     - ``"full"``: horizontal flip, random scale-crop (40-100% of the area) and mild colour jitter;
     - ``"flip"``: horizontal flip only;
     - ``"none"``: the book's plain pipeline, a resize.
 
+    ``random_flip=False`` leaves the flip out (the sampler then decides the flips, see ``--flips alternate``).
+
     Images stay uint8 (scaled on the device); masks are resized by nearest neighbour (tv_tensors.Mask).
     """
     resize = v2.Resize((height, width), antialias=True)
     if augment == "none":
         return resize
+    flip = [v2.RandomHorizontalFlip()] if random_flip else []
     if augment == "flip":
-        return v2.Compose([v2.RandomHorizontalFlip(), resize])
+        return v2.Compose([*flip, resize])
     if augment != "full":
         raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     aspect = width / height
     return v2.Compose([
-        v2.RandomHorizontalFlip(),
+        *flip,
         v2.RandomResizedCrop((height, width), scale=(0.4, 1.0), ratio=(aspect * 0.85, aspect / 0.85), antialias=True),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
     ])

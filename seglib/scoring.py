@@ -1,5 +1,6 @@
 """Scoring a saved model (a checkpoint, or an exported .onnx file) on a split of the dataset, with the metrics
 JSON, prediction PNGs and figures asked for: what evaluate.py runs, and train.py at the end of a run."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from data_generator import build_loader, make_dataset
 from model_utils import get_device, load_checkpoint
 from seglib.errors import DataError
 from seglib.files import write_json
-from seglib.inference import evaluate_model, input_dtype
+from seglib.inference import evaluate_model, input_dtype, tta_cost, tta_views
 from seglib.metrics import format_metrics_table
 from seglib.plots import save_confusion_figure, save_mask_png, save_prediction_grid
 from seglib.registry import has_ema, model_from_checkpoint
@@ -49,14 +50,20 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
         raise DataError(f"{data_path}: classes {class_names} differ from the checkpoint's {cfg['class_names']}")
     loader = build_loader(dataset, batch_size, train=False, workers=workers)
     keep = bool(save_predictions or figures_dir)
+    t0 = time.perf_counter()
     metrics_acc, predictions = evaluate_model(model, loader, device, cfg["n_classes"],
                                               input_dtype(model, device, amp), channels_last,
                                               keep_predictions=keep, compile=compile, tta=tta)
+    seconds = time.perf_counter() - t0
     metrics = {"split": split, "weights": str(weights), "tta": tta, "ema": ema and has_ema(ckpt),
                **metrics_acc.compute(class_names)}
+    metrics["ms_per_image"] = round(1000 * seconds / max(1, metrics["n_images"]), 2)
     if not quiet:
         print(f"{weights} on {split} ({metrics['n_images']} images, native resolution):")
         print(format_metrics_table(metrics))
+        print(f"tta {tta}: {len(tta_views(tta))} views, {tta_cost(tta):.2f} forward passes at {cfg['height']}x"
+              f"{cfg['width']} per image; {metrics['ms_per_image']:.1f} ms per image on {device} (data loading, "
+              f"model and native-size scoring)")
     if json_path:
         write_json(metrics, json_path)
     ann = dataset.annotations

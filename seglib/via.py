@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from seglib.errors import DataError
+from seglib.files import read_image
 
 
 DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")
@@ -137,6 +138,26 @@ def rasterise(regions, height, width):
         rows, cols = shape_pixels(shape, height, width)
         mask[rows, cols] = class_id
     return mask
+
+
+def check_entry(root, json_path, name, regions):
+    """Decode one listed image and fill each of its regions: (class map, or None if the image is broken; problems)."""
+    path = root / name
+    try:
+        image = read_image(path, f"{json_path}: entry {name!r}: {path}")
+    except DataError as e:
+        return None, [str(e)]
+    height, width = image.shape[:2]
+    mask, problems = np.zeros((height, width), dtype=np.uint8), []
+    for i, (shape, class_id) in enumerate(regions):
+        try:
+            rows, cols = shape_pixels(shape, height, width)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"{json_path}: entry {name!r} region {i}: cannot fill its {shape.get('name')} "
+                            f"({type(e).__name__}: {e})")
+            continue
+        mask[rows, cols] = class_id
+    return mask, problems
 
 
 def read_legacy_masks(path, allow_pickle=False):

@@ -37,7 +37,7 @@ def tiny_checkpoint(tmp_path_factory, drinks):
 @pytest.fixture
 def ctrl_c_at_step():
     """A factory of cross-entropy criteria that send this process Ctrl-C (SIGINT) during their ``n``-th call, as a
-    user does in the middle of a run: ``monkeypatch.setattr(train, "build_criterion", lambda: ctrl_c_at_step(9))``."""
+    user does in the middle of a run: ``monkeypatch.setattr(train, "build_criterion", lambda *a: ctrl_c_at_step(9))``."""
     import signal
 
     import torch

@@ -21,7 +21,8 @@ from fcn import build_fcn
 from model_utils import amp_dtype, inference_model, load_checkpoint, make_grad_scaler, save_checkpoint
 from resnet import L2_WEIGHT
 from seglib import engine
-from seglib.engine import build_criterion, build_optimizer, train_step
+from seglib.engine import build_optimizer, train_step
+from seglib.losses import build_criterion
 from seglib.inference import evaluate_model, to_input
 from seglib.registry import model_from_checkpoint
 from seglib.schedules import BASE_LR
@@ -54,7 +55,7 @@ def test_interrupted_cuda_run_resumes_on_one_gpu_and_under_fp16(tmp_path, drinks
     """Ctrl-C mid-epoch on CUDA, then --resume: from a last.pt whose RNG states are a 4-GPU run's list, on a GPU
     taken for one without bf16 (fp16 and a GradScaler, which the bf16 run saved disabled and empty)."""
     common = ("--limit", 24, "--epochs", 2, "--workers", 2, "--no-test")
-    monkeypatch.setattr(train, "build_criterion", lambda: ctrl_c_at_step(9))  # epoch 2, step 3 of 6
+    monkeypatch.setattr(train, "build_criterion", lambda *a: ctrl_c_at_step(9))  # epoch 2, step 3 of 6
     assert train.main(_train_args(tmp_path, drinks, *common)) is None
     last = tmp_path / "w" / "run" / "last.pt"
     ckpt = load_checkpoint(last)

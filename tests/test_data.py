@@ -346,3 +346,26 @@ def test_loader_workers_fork_so_the_image_cache_is_shared(drinks):
         assert loader.multiprocessing_context.get_start_method() == "fork"
     assert sum(len(masks) for _, masks in loader) == 4
     assert dg.build_loader(dataset, 2, train=False, workers=0).multiprocessing_context is None
+
+
+def test_sampler_keys_carry_the_epochs_size_and_alternating_flips(drinks):
+    """``--progressive`` and ``--flips alternate`` travel in the sampler's keys: the dataset resizes to the key's
+    size and mirrors the pair when its flip is set; each image's flip alternates from epoch to epoch."""
+    ds, _ = dg.make_dataset(drinks, "train", 480, 640, augment="flip", limit=8, random_flip=False)
+    sampler = dg.EpochSampler(ds, seed=5)
+    sampler.size, sampler.alternate_flips = (32, 48), True
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append({key[0]: key for key in sampler})
+    assert all(key[2] == (32, 48) for key in epochs[0].values())
+    flips = [np.array([epochs[e][i][3] for i in range(8)]) for e in range(3)]
+    assert 0 < flips[0].sum() < 8  # a seeded toss per image, not all the same
+    assert (flips[1] == ~flips[0]).all() and (flips[2] == flips[0]).all()
+    small = ds[(3, 7, (32, 48), False)]
+    assert small[0].shape == (3, 32, 48) and small[1].shape == (32, 48)
+    plain, mirrored = ds[(3, 7, None, False)], ds[(3, 7, None, True)]  # the dataset's own size: native here
+    assert plain[0].shape == (3, 480, 640) and ds[(3, 7)][0].shape == (3, 480, 640)
+    assert torch.equal(mirrored[0], plain[0].flip(-1)) and torch.equal(mirrored[1], plain[1].flip(-1))
+    sampler.alternate_flips = False
+    assert {key[3] for key in sampler} == {None}  # random flips are then the transform's

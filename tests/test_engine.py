@@ -1,4 +1,4 @@
-"""seglib/engine.py: the book's optimizer and loss, and the CPU time estimate's arithmetic."""
+"""seglib/engine.py: the book's optimizer and the CPU time estimate's arithmetic."""
 import argparse
 
 import pytest
@@ -23,14 +23,7 @@ def test_the_books_optimizer():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
-def test_the_loss_is_pixelwise_cross_entropy_on_logits():
-    logits = torch.tensor([[[[2.0]], [[0.0]]]])  # (1, 2 classes, 1, 1)
-    target = torch.tensor([[[0]]])
-    expected = -torch.log(torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + 1))
-    assert engine.build_criterion()(logits, target).item() == pytest.approx(expected.item())
-
-
-@pytest.mark.parametrize("tta, val_passes", [("none", 1), ("flip", 2)])
+@pytest.mark.parametrize("tta, val_passes", [("none", 1), ("flip", 2), ("flip+scales", 2 * (1 + 1.25 ** 2 + 1.5 ** 2))])
 def test_cpu_estimate_adds_up_training_and_validation(monkeypatch, tta, val_passes):
     """Each timed step takes 2 s of a fake clock: 0.5 s an image at batch 4. An epoch is 100 training images and
     10 validation images, each of those costing half a training image (a forward pass and native-size scoring),
@@ -41,3 +34,20 @@ def test_cpu_estimate_adds_up_training_and_validation(monkeypatch, tta, val_pass
                               tta=tta, epochs=3)
     minutes = engine.estimate_cpu_minutes(build_fcn(depth=11, n_layers=1), args, None, n_train=100, n_val=10)
     assert minutes == pytest.approx(0.5 * (100 + 10 / 2 * val_passes) * 3 / 60)
+
+
+def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
+    """--progressive 32x40:0.5 over 4 epochs at 64x80: two epochs at each size, each timed at its own size;
+    validation at the final size."""
+    timed = []
+
+    def seconds_per_image(model, args, dtype, criterion, height, width):
+        timed.append((height, width))
+        return height * width / 1000
+
+    monkeypatch.setattr(engine, "_seconds_per_image", seconds_per_image)
+    args = argparse.Namespace(lr=1e-3, l2=1e-4, batch_size=4, height=64, width=80, channels_last=False, ema=0.0,
+                              tta="none", epochs=4, progressive=[[32, 40, 0.5]])
+    minutes = engine.estimate_cpu_minutes(None, args, None, n_train=100, n_val=10)
+    assert sorted(timed) == [(32, 40), (64, 80)]
+    assert minutes == pytest.approx((2 * 1.28 * 100 + 2 * 5.12 * 100 + 4 * 5.12 * 10 / 2) / 60)

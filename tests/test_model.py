@@ -11,7 +11,7 @@ from torch import nn
 import summary
 from fcn import build_fcn, count_parameters
 from model_utils import inference_model
-from resnet import BN_MOMENTUM, ConvTranspose2d, ResNetV2
+from resnet import BN_MOMENTUM, ConvTranspose2d, ResNetV2, zero_init_residual_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,22 @@ def test_eval_is_deterministic_and_train_updates_bn_with_keras_momentum():
     expected = 0.99 * before + 0.01 * conv_out.mean(dim=(0, 2, 3))
     assert torch.allclose(bn.running_mean, expected, atol=1e-6)
     assert not torch.equal(bn.running_mean, before)
+
+
+def test_zero_init_residual_starts_every_unit_as_the_identity():
+    """--zero-init-residual: each bottleneck unit's last kernel is zero, so a unit passes its input through (in
+    training mode too), while the kernel still gets a gradient."""
+    torch.manual_seed(0)
+    backbone = ResNetV2(20)
+    assert zero_init_residual_(backbone) == 6  # 3 stages of 2 units
+    unit = backbone.stages[0][1]  # 64 -> 64 channels, identity shortcut
+    x = torch.randn(2, 64, 8, 8)
+    y = unit(x.clone())
+    torch.testing.assert_close(y, x)
+    y.square().sum().backward()
+    assert unit.conv3.weight.grad.abs().sum() > 0
+    assert all(torch.count_nonzero(u.conv3.weight) == 0 for stage in backbone.stages for u in stage)
+    assert torch.count_nonzero(backbone.stages[0][1].conv2.weight) > 0  # the rest keeps the book's init
 
 
 def test_he_normal_init_and_zero_bias():

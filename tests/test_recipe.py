@@ -10,8 +10,9 @@ import train
 
 ROOT = Path(train.__file__).parent
 
-CPU_RECIPE = {"height": 96, "width": 128, "epochs": 10, "augment": "flip", "lr_schedule": "cosine",
-              "warmup_epochs": 1.0, "tta": "flip"}
+CPU_RECIPE = {"height": 96, "width": 128, "epochs": 12, "augment": "flip", "lr_schedule": "cosine",
+              "warmup_epochs": 1.0, "tta": "flip", "progressive": [[64, 88, 0.5]], "loss": "ce+lovasz",
+              "flips": "alternate", "zero_init_residual": True}
 
 
 def _resolved(args, keys):
@@ -63,3 +64,16 @@ def test_recipe_run_saves_its_resolved_flags(tmp_path, drinks):
     assert {k: config[k] for k in CPU_RECIPE} == {**CPU_RECIPE, "height": 48, "width": 64, "epochs": 1}
 
 
+
+
+def test_progressive_steps_give_each_epoch_its_size():
+    """--progressive 64x88:0.5 over 12 epochs: epochs 1 to 6 at 64x88, 7 to 12 at the final size; with two steps
+    the sizes follow in the order given."""
+    from seglib.recipes import epoch_size, progressive_step
+    steps = [progressive_step("64x88:0.5")]
+    assert steps == [[64, 88, 0.5]]
+    assert [epoch_size(steps, e, 12, (96, 128)) for e in range(12)] == [(64, 88)] * 6 + [(96, 128)] * 6
+    steps = [progressive_step("32x40:0.25"), progressive_step("48X64:0.5")]
+    assert [epoch_size(steps, e, 8, (96, 128)) for e in range(8)] == \
+           [(32, 40)] * 2 + [(48, 64)] * 2 + [(96, 128)] * 4
+    assert [epoch_size([], e, 3, (96, 128)) for e in range(3)] == [(96, 128)] * 3

@@ -126,7 +126,7 @@ def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule,
         train.main(_args(part, drinks, *common, "--epochs", 2, "--resume"))
         resumed.append(part)
 
-    monkeypatch.setattr(train, "build_criterion", lambda: ctrl_c_at_step(9))  # epoch 2, step 3 of 6
+    monkeypatch.setattr(train, "build_criterion", lambda *a: ctrl_c_at_step(9))  # epoch 2, step 3 of 6
     assert train.main(_args(stopped, drinks, *common, "--epochs", 2)) is None
     ckpt = load_checkpoint(stopped / "weights" / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 3)
@@ -161,7 +161,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, drinks, mon
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 has 4 steps
 
-    monkeypatch.setattr(train, "build_criterion", lambda: criterion)
+    monkeypatch.setattr(train, "build_criterion", lambda *a: criterion)
     with pytest.raises(TrainingError, match=r"loss is not finite at epoch 2 step .*last.pt keeps the last good"):
         train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 16, "--epochs", 3,
                          "--val-fraction", 0.005))
@@ -271,3 +271,46 @@ def test_training_needs_neither_onnx_nor_onnxruntime(tmp_path, drinks, monkeypat
     train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 8, "--epochs", 1, "--device", "cpu",
                      "--no-test"))
     assert len((tmp_path / "weights" / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_training_levers_reach_the_run(tmp_path, drinks, monkeypatch, capsys):
+    """--progressive trains each epoch at its size, in the order asked, through persistent loader workers, and
+    metrics.jsonl records it; --loss, --class-weights and --zero-init-residual reach the criterion and the model."""
+    shapes, zeroed = [], []
+    real_step, real_zero = engine.train_step, train.zero_init_residual_
+
+    def recording_step(model, criterion, optimizer, scaler, x, target, dtype):
+        shapes.append((tuple(x.shape[-2:]), tuple(target.shape[-2:]), criterion.loss,
+                       criterion.class_weights.tolist()))
+        return real_step(model, criterion, optimizer, scaler, x, target, dtype)
+
+    def recording_zero(model):
+        zeroed.append(real_zero(model))
+        return zeroed[-1]
+
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    monkeypatch.setattr(train, "zero_init_residual_", recording_zero)
+    train.main(_args(tmp_path, drinks, "--height", 48, "--width", 64, "--depth", 11, "--n-layers", 2, "--limit", 8,
+                     "--epochs", 3, "--val-fraction", 0.01, "--no-test", "--workers", 2, "--augment", "flip",
+                     "--progressive", "32x40:0.3", "40x48:0.6", "--flips", "alternate", "--loss", "ce+lovasz",
+                     "--class-weights", "1,2,3,4", "--zero-init-residual"))
+    rows = [json.loads(line) for line in (tmp_path / "weights" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["size"] for r in rows] == [[32, 40], [40, 48], [48, 64]]
+    # the start's time estimate times 3 steps at each size, then the run takes 2 steps an epoch
+    assert [s[0] for s in shapes[:9]] == [(32, 40)] * 3 + [(40, 48)] * 3 + [(48, 64)] * 3
+    assert [s[0] for s in shapes[9:]] == [(32, 40)] * 2 + [(40, 48)] * 2 + [(48, 64)] * 2
+    assert all(s[1] == s[0] and s[2:] == ("ce+lovasz", [1.0, 2.0, 3.0, 4.0]) for s in shapes)
+    assert zeroed == [3]  # depth 11: 3 stages of one unit
+    assert "class weights: background 1.000, Water 2.000, Soda 3.000, Juice 4.000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--flips", "alternate", "--no-augment"], "--flips alternate: flips need --augment flip or full"),
+    (["--progressive", "64x96:0.6", "80x96:0.3"], "--progressive 64x96:0.6 80x96:0.3: the UNTIL fractions must"),
+    (["--class-weights", "1,2"], "--class-weights 1.0,2.0: needs one weight per class, 4"),
+])
+def test_bad_lever_combinations_are_refused(tmp_path, drinks, argv, words):
+    with pytest.raises(train.UsageError, match=words.replace("+", r"\+")):
+        train.main(_args(tmp_path, drinks, "--limit", 8, "--val-fraction", 0.01, "--height", 32, "--width", 32,
+                         *argv))
+    assert not (tmp_path / "weights" / "run").exists()
