@@ -289,7 +289,7 @@ def _train(args, info, device):
                    run_dir / "config.json")
     optimizer = build_optimizer(model, args.lr, args.l2)
     scaler = make_grad_scaler(device, dtype)
-    criterion = build_criterion(args.loss, weights, args.loss_weight)
+    criterion = build_criterion(args.loss, None if weights is None else weights.to(device), args.loss_weight)
     start_epoch, start_step, best = 0, 0, -1.0
     loss_state = torch.zeros(2, dtype=torch.float64, device=device)
     if ckpt is not None:

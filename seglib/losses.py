@@ -44,8 +44,8 @@ def lovasz_softmax(logits, target):
 
 
 class Criterion:
-    """``loss`` (one of LOSSES) on logits and class maps: cross-entropy with ``class_weights`` (a (C,) tensor or
-    None), Dice, Lovász-Softmax, or cross-entropy plus ``aux_weight`` times Dice or Lovász."""
+    """``loss`` (one of LOSSES) on logits and class maps: cross-entropy with ``class_weights`` (a (C,) tensor on
+    the logits' device, or None), Dice, Lovász-Softmax, or cross-entropy plus ``aux_weight`` times Dice or Lovász."""
 
     def __init__(self, loss="ce", class_weights=None, aux_weight=1.0):
         if loss not in LOSSES:
@@ -57,8 +57,7 @@ class Criterion:
             return dice_loss(logits, target)
         if self.loss == "lovasz":
             return lovasz_softmax(logits, target)
-        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        ce = F.cross_entropy(logits.float(), target, weight=weight)
+        ce = F.cross_entropy(logits.float(), target, weight=self.class_weights)
         if self.loss == "ce":
             return ce
         aux = dice_loss(logits, target) if self.loss == "ce+dice" else lovasz_softmax(logits, target)
