@@ -13,6 +13,7 @@ and batch.
 
     python benchmark.py --height 240 --width 320 --batch-size 4 --steps 3 --device cpu --json
     python benchmark.py --height 480 --width 640 --batch-size 4 --device cuda --no-infer-compile   # the book's size
+    python benchmark.py --device cuda --height 480 --width 640 --epoch --profile --json   # end to end, and where
     python benchmark.py --data-only --height 480 --width 640 --workers 1 2 16    # can the loader feed a GPU?
     python benchmark.py --model deeplabv3_mobilenet_v3_large --height 96 --width 128 --device cpu --json
 """
@@ -31,11 +32,14 @@ from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory,
                          make_grad_scaler, seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
+from seglib.compiled import COMPILE_MODES, LossFunction
 from seglib.engine import build_optimizer, train_step
+from seglib.epoch_timing import format_epochs, time_epochs
 from seglib.losses import build_criterion
 from seglib.errors import DataError, at_least, check_flags, run_cli
 from seglib.flops import model_gflops
 from seglib.inference import to_input
+from seglib.profiling import format_profile, profile_steps
 from seglib.registry import MODELS, build_model, model_options
 from seglib.schedules import BASE_LR
 
@@ -114,8 +118,9 @@ def seeded_model(name, device, plain):
     return (plain_port(model) if plain else model).to(device)
 
 
-def measure_training(args, device, fast, plain=False):
-    """Training img/s: fast settings, or float32 eager (``plain``: the plain port)."""
+def training_step(args, device, fast, plain=False):
+    """(model, step): one of train.py's optimizer steps on a fixed random batch; fast settings (with --compile,
+    its compiled step), or float32 eager (``plain``: the plain port)."""
     model = seeded_model(args.model, device, plain)
     dtype = amp_dtype(device) if fast else None
     images = torch.randint(0, 256, (args.batch_size, 3, args.height, args.width), dtype=torch.uint8)
@@ -125,13 +130,23 @@ def measure_training(args, device, fast, plain=False):
     y = torch.randint(0, 4, (args.batch_size, args.height, args.width), device=device)
     optimizer = build_optimizer(model, BASE_LR, L2_WEIGHT)
     scaler = make_grad_scaler(device, dtype)
-    run, criterion = (torch.compile(model) if fast and args.compile else model), build_criterion()
+    criterion = build_criterion()
+    loss_fn = LossFunction(model, criterion, dtype, "inductor", args.compile_mode) if fast and args.compile else None
+    return model, lambda: train_step(model, criterion, optimizer, scaler, x, y, dtype, loss_fn)
 
-    def step():  # exactly train.py's optimizer step
-        train_step(run, criterion, optimizer, scaler, x, y, dtype)
 
-    seconds = timed(step, args.steps, args.warmup, device)
-    return args.batch_size / seconds
+def measure_training(args, device, fast, plain=False):
+    """Training img/s of ``training_step``."""
+    _, step = training_step(args, device, fast, plain)
+    return args.batch_size / timed(step, args.steps, args.warmup, device)
+
+
+def measure_profile(args, device):
+    """Where the fast training step's time goes (seglib/profiling.py), after the warm-up steps."""
+    model, step = training_step(args, device, fast=True)
+    for _ in range(max(1, args.warmup)):
+        step()
+    return profile_steps(model, step, device, args.steps)
 
 
 @torch.inference_mode()
@@ -221,7 +236,20 @@ def get_args_parser():
                    help="untimed steps before each measurement (default: 2 on a CPU, 5 on a GPU, where cuDNN's "
                         "autotuning runs in them)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast training step")
+    p.add_argument("--compile", action="store_true", help="the fast training step compiled as train.py --compile does")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the fast training step: time by category, layer group and phase, and idle time")
+    p.add_argument("--epoch", action="store_true",
+                   help="also time whole epochs of train.py itself (data, steps, validation, checkpoint): epoch_s, "
+                        "epoch_img_s and book_run_min, the book's 100 epochs in minutes")
+    p.add_argument("--epoch-count", type=int, default=3,
+                   help="epochs train.py runs for --epoch; the first (warm-up) is reported apart")
+    p.add_argument("--epoch-limit", type=int, default=None,
+                   help="training images of the --epoch run (default: the whole split, as a user's run)")
+    p.add_argument("--epoch-flags", default="",
+                   help="more train.py flags for the --epoch run, as one string, e.g. \"--compile\"")
     p.add_argument("--infer-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="infer_img_s through evaluate.py --compile's frozen graph (needs a C++ compiler on the "
                         "CPU); --no-infer-compile: the eager fast path (default: on for a CPU without --compile, "
@@ -331,7 +359,7 @@ def main(args):
     """Run every measurement and print a table or one JSON line."""
     check_flags(args, [at_least("--height", 32), at_least("--width", 32), at_least("--batch-size", 1),
                        at_least("--steps", 1), at_least("--warmup", 0), at_least("--workers", 0),
-                       at_least("--data-images", 1)])
+                       at_least("--data-images", 1), at_least("--epoch-count", 2), at_least("--epoch-limit", 1)])
     device = get_device(args.device)
     args = resolve_args(args, device)
     torch.backends.cudnn.benchmark = True
@@ -343,6 +371,11 @@ def main(args):
         r["gpu"] = torch.cuda.get_device_name(device)
     if not args.data_only:
         measure_model(args, device, r)
+    if args.profile and not args.data_only:
+        r["profile"] = measure_profile(args, device)
+    if args.epoch:
+        r.update(time_epochs(Path(__file__).resolve().parent / "train.py", args.data_path, args.height, args.width,
+                             args.batch_size, args.epoch_count, str(device), args.epoch_limit, args.epoch_flags))
     try:
         r["data_img_s_by_workers"] = measure_data_rates(args, args.workers)
         r["data_img_s"] = r["data_img_s_by_workers"][str(args.workers[-1])]
@@ -354,6 +387,10 @@ def main(args):
         print(json.dumps(r))
     else:
         print_table(r, args)
+        if "profile" in r:
+            print(format_profile(r["profile"]))
+        if "epoch_s" in r:
+            print(format_epochs(r))
     return r
 
 

@@ -13,7 +13,6 @@ training annotations; the best epoch is scored on the test split at the end.
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,11 +24,14 @@ from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers,
                          keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler, rng_state,
                          save_checkpoint, seed_everything, set_rng_state)
 from resnet import L2_WEIGHT, zero_init_residual_
+from seglib.checkpoints import BackgroundWriter, check_resume, checkpoint_state, host_copy, save_job, trim_metrics
+from seglib.compiled import COMPILE_MODES, LossFunction, load_compile_cache, save_compile_cache
+from seglib.device_data import DeviceEvalLoader, DeviceTrainLoader, data_on_device
 from seglib.download import ensure_data
 from seglib.ema import ModelEMA
 from seglib.engine import StopRequest, build_optimizer, estimate_cpu_minutes, train_one_epoch
 from seglib.errors import TrainingError, UsageError, at_least, check_flags, run_cli
-from seglib.files import append_jsonl, read_jsonl, write_json
+from seglib.files import append_jsonl, write_json
 from seglib.inference import TTA_MODES, evaluate_model
 from seglib.joint_transforms import AUGMENTATIONS
 from seglib.losses import LOSSES, Criterion, build_criterion, median_frequency_weights, pixel_shares
@@ -45,40 +47,6 @@ def default_run_name(args):
     """A name built from the model and the recipe, e.g. ``fcn-resnet56v2-4layer-drinks`` (``...-cpu``)."""
     name = f"{run_name(args.model, model_options(args.model, args))}-drinks"
     return f"{name}-{args.recipe}" if args.recipe else name
-
-
-def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state, ema=None):
-    """Everything ``--resume`` needs, as plain dicts and tensors (loadable with weights_only=True).
-
-    ``epoch`` is the epoch in progress and ``step`` the steps done in it (0 when it has not started). With an
-    EMA, its weights are saved too, and evaluation and export use them (seglib.registry.model_from_checkpoint).
-    """
-    extra = {"ema": ema.state_dict()} if ema is not None else {}
-    return {
-        **extra,
-        "model": model.state_dict(),
-        "config": {"n_classes": len(class_names), "model": args.model,
-                   "model_options": model_options(args.model, args), "height": args.height, "width": args.width,
-                   "class_names": list(class_names)},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "best_miou": best,
-        "loss_state": loss_state.cpu(),
-        "rng": rng_state(),
-        "args": vars(args),
-    }
-
-
-def trim_metrics(path, epochs_done):
-    """Keep only the metrics lines of epochs already in the checkpoint (a crash may have left one more)."""
-    if not path.is_file():
-        return
-    rows, _ = read_jsonl(path)  # a torn last line (a run killed while writing it) goes too
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= epochs_done))
-    os.replace(tmp, path)
 
 
 def get_args_parser():
@@ -127,7 +95,25 @@ def get_args_parser():
                    help="bf16 autocast where supported, fp16 with loss scaling on older GPUs (--no-amp: float32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (faster convolutions on CPU and GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's forward pass and loss (backward included), once per "
+                        "input size; the compile time is printed")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of --compile (aot_eager: traced but not code-generated, to check)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of --compile: reduce-overhead replays the step as CUDA graphs")
+    p.add_argument("--compile-cache", default=None, metavar="FILE",
+                   help="with --compile: load torch.compile's portable cache from FILE when it exists and write it "
+                        "back after each compile, so another machine skips most of the compile (torch >= 2.7)")
+    p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the decoded training and validation images on the device and augment them there "
+                        "(the same augmentation as the loader's, from the same seeds); default: on for CUDA when "
+                        "they fit in a quarter of its memory, off elsewhere")
+    p.add_argument("--save-every", type=int, default=1, metavar="N",
+                   help="write last.pt every N epochs (and at the last; best.pt whenever validation improves)")
+    p.add_argument("--save-in-background", action=argparse.BooleanOptionalAction, default=None,
+                   help="write checkpoints and curves from a background thread while the next epoch trains "
+                        "(default: on for CUDA; off on the CPU, where the training's threads use every core)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes when distributed")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and the split")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise-reproducible runs)")
@@ -171,11 +157,6 @@ def resolve_args(args):
     return args
 
 
-# flags a resumed run must keep (the model's are checked with the model): they change the data, the split or the
-# steps; --epochs may change
-RESUME_FIXED = ("height", "width", "batch_size", "data_path", "val_fraction", "seed", "limit")
-
-
 def check_args(args):
     """UsageError, naming the flag and its value, for a value the run cannot use; before anything is written."""
     check_flags(args, [
@@ -183,7 +164,7 @@ def check_args(args):
         at_least("--height", 32, "the model downsamples 32 times"),
         at_least("--width", 32, "the model downsamples 32 times"),
         at_least("--workers", 0), at_least("--lr", 0), at_least("--l2", 0), at_least("--warmup-epochs", 0),
-        at_least("--limit", 1), at_least("--loss-weight", 0),
+        at_least("--limit", 1), at_least("--loss-weight", 0), at_least("--save-every", 1),
         ("--val-fraction", lambda v: 0 < v < 1, "between 0 and 1, both excluded (the run needs training and "
                                                  "validation images)")])
     if args.flips == "alternate" and args.augment == "none":
@@ -209,19 +190,27 @@ def resolve_class_weights(choice, train_set, class_names):
     return weights
 
 
-def check_resume(args, ckpt, path):
-    """UsageError if this run's flags would change the run ``path`` holds (see RESUME_FIXED)."""
-    saved = ckpt.get("args", {})
-    for key in RESUME_FIXED:
-        if key not in saved:
-            continue
-        old, new = saved[key], getattr(args, key)
-        if key == "data_path":
-            old, new = str(Path(old).resolve()), str(Path(new).resolve())
-        if old != new:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"{flag} {getattr(args, key)}: {path} was trained with {flag} {saved[key]}; resume "
-                             f"with the same value (only --epochs may change)")
+def _background(args, device):
+    """Whether checkpoints and curves are written from a background thread (--save-in-background)."""
+    return device.type == "cuda" if args.save_in_background is None else args.save_in_background
+
+
+def _loaders(args, train_set, val_set, device, info):
+    """The training and validation loaders: the data loader's worker processes, or (--data-on-device) the decoded
+    splits in device memory, augmented there. Both iterate the same sampler, so the data is the same."""
+    train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
+    # validation only resizes 100 images an epoch: two workers keep up, and idle persistent ones cost memory
+    val_loader = build_loader(val_set, args.batch_size, False, min(2, args.workers), args.seed, info.rank,
+                              info.world_size)
+    on_device, why_not = data_on_device(args.data_on_device, device, (train_set, val_set))
+    if why_not and info.is_main:
+        print(why_not)
+    if not on_device:
+        return train_loader, val_loader
+    size = (args.height, args.width)
+    return (DeviceTrainLoader(train_set, train_loader.sampler, args.batch_size, device, size, args.augment,
+                              args.flips == "random"),
+            DeviceEvalLoader(val_set, val_loader.sampler, args.batch_size, device, size))
 
 
 def main(args):
@@ -263,10 +252,7 @@ def _train(args, info, device):
                          f"({ckpt['config']['class_names']})")
     val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.seed,
                               workers=args.workers)
-    train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
-    # validation only resizes 100 images an epoch: two workers keep up, and idle persistent ones cost memory
-    val_loader = build_loader(val_set, args.batch_size, False, min(2, args.workers), args.seed, info.rank,
-                              info.world_size)
+    train_loader, val_loader = _loaders(args, train_set, val_set, device, info)
     if len(train_loader) == 0:
         raise UsageError(f"--batch-size {args.batch_size}: {len(train_set)} training images give no full batch of "
                          f"{args.batch_size} per process")
@@ -283,10 +269,12 @@ def _train(args, info, device):
         model = model.to(memory_format=torch.channels_last)
     if info.is_main:  # every check has passed: only now is anything written
         print(json.dumps(vars(args), indent=2))
-        print(f"device: {device}, autocast: {dtype}, processes: {info.world_size}")
+        on_device = isinstance(train_loader, DeviceTrainLoader)
+        print(f"device: {device}, autocast: {dtype}, processes: {info.world_size}, data: "
+              + ("on the device" if on_device else f"{args.workers} loader workers"))
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size},
-                   run_dir / "config.json")
+        write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size,
+                    "data_on_device": on_device}, run_dir / "config.json")
     optimizer = build_optimizer(model, args.lr, args.l2)
     scaler = make_grad_scaler(device, dtype)
     criterion = build_criterion(args.loss, None if weights is None else weights.to(device), args.loss_weight)
@@ -301,7 +289,8 @@ def _train(args, info, device):
         set_rng_state(ckpt["rng"])
         if info.is_main:
             print(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best val mIoU {best:.4f}")
-            trim_metrics(metrics_path, start_epoch)
+    if info.is_main:  # a run killed before its first last.pt starts again: its metrics lines go too
+        trim_metrics(metrics_path, start_epoch)
     ema = ModelEMA(model, args.ema) if args.ema else None  # the weights validated, kept as best.pt and tested
     if ema is not None and ckpt is not None and "ema" in ckpt:
         ema.load_state_dict(ckpt["ema"])
@@ -311,8 +300,11 @@ def _train(args, info, device):
     if info.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = None
     if args.compile:
-        train_model = torch.compile(train_model)
+        if args.compile_cache and load_compile_cache(args.compile_cache) and info.is_main:
+            print(f"loaded the compile cache {args.compile_cache}")
+        loss_fn = LossFunction(train_model, criterion, dtype, args.compile_backend, args.compile_mode)
     if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
         minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set),
                                        Criterion(args.loss, weights, args.loss_weight))
@@ -321,7 +313,7 @@ def _train(args, info, device):
               f"at {sizes}: {minutes:.0f} min. The CPU recipe (about half an hour on 2 cores, "
               f"README.md): {CPU_COMMAND}")
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, BackgroundWriter(threaded=_background(args, device)) as writer:
         steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it
         for epoch in range(start_epoch, args.epochs):
             def lr_fn(step, epoch=epoch):
@@ -338,9 +330,10 @@ def _train(args, info, device):
             loss_state, step, stopped = train_one_epoch(
                 train_model, criterion, optimizer, scaler, train_loader, device, epoch, args, dtype, stop,
                 start_step if epoch == start_epoch else 0, loss_state, info.is_main, info.world_size, lr_fn,
-                None if ema is None else lambda: ema.update(model))
+                None if ema is None else lambda: ema.update(model), loss_fn)
             if stopped:
                 if info.is_main:
+                    writer.wait()  # an older last.pt still being written must not land after this one
                     save_checkpoint(checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best,
                                                      loss_state, ema), last_path)
                     print(f"saved {last_path} at epoch {epoch + 1} step {step}; continue with --resume")
@@ -357,16 +350,20 @@ def _train(args, info, device):
             best = max(best, val["miou_per_image"])
             if info.is_main:
                 record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, "size": list(size),
-                          "seconds": round(time.perf_counter() - t0, 2),
+                          "seconds": round(time.perf_counter() - t0, 2), "time": round(time.time(), 3),
+                          "train_images": steps_per_epoch * args.batch_size * info.world_size,
                           "val": {k: v for k, v in val.items() if k != "per_class"},
                           "val_iou_per_class": [r["iou"] for r in val["per_class"]]}
                 append_jsonl(metrics_path, record)
+                due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs
+                paths = [best_path] * improved + [last_path] * due
+                # the snapshot is taken here, on this thread; the disk and the figure are the writer's
                 state = checkpoint_state(model, optimizer, scaler, args, class_names, epoch + 1, 0, best, loss_state,
-                                         ema)
-                if improved:
-                    save_checkpoint(state, best_path)
-                save_checkpoint(state, last_path)
-                plot_curves(metrics_path, fig_dir / "curves.png")
+                                         ema) if paths else None
+                state = host_copy(state) if writer.threaded and state else state
+                writer.submit(save_job(state, *paths), lambda: plot_curves(metrics_path, fig_dir / "curves.png"))
+                if loss_fn is not None and args.compile_cache and loss_fn.take_new_graphs():
+                    save_compile_cache(args.compile_cache)
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU per image {val['miou_per_image']:.4f}"
                       f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s")
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 from torch.nn import functional as F
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from model_utils import make_grad_scaler
+from seglib.compiled import CompileTimer
 from seglib.ema import ModelEMA
 from seglib.errors import TrainingError
 from seglib.inference import to_input, tta_cost
@@ -58,21 +60,32 @@ class StopRequest:
         return False
 
 
-def train_step(model, criterion, optimizer, scaler, x, target, dtype):
-    """One optimizer step under autocast (``dtype`` None: float32); returns the loss, without a host sync."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        loss = criterion(model(x), target)
+def train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn=None):
+    """One optimizer step under autocast (``dtype`` None: float32); returns the loss, without a host sync.
+
+    ``loss_fn`` (a seglib.compiled.LossFunction: the forward pass and loss, maybe compiled) replaces
+    ``criterion(model(x), target)``.
+    """
+    with record_function("forward"):  # profiler ranges (seglib/profiling.py); next to free when not profiling
+        if loss_fn is not None:
+            loss = loss_fn(x, target)
+        else:
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = criterion(model(x), target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    with record_function("optimizer"):
+        scaler.step(optimizer)
+        scaler.update()
     return loss
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
-                    loss_state, is_main, world_size, lr_fn, after_step=None):
+                    loss_state, is_main, world_size, lr_fn, after_step=None, loss_fn=None):
     """Train one epoch from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each step and
     calling ``after_step()`` (the EMA update) after it. Returns (loss_state, next_step, stopped).
+    ``loader`` may be a DataLoader or a seglib.device_data.DeviceTrainLoader; ``loss_fn``: see ``train_step``
+    (a step that compiles a new shape is timed and reported).
 
     ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
     syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
@@ -88,7 +101,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
         target = masks.to(device, non_blocking=True).long()  # (B, H, W)
         lr = lr_fn(step)
         set_lr(optimizer, lr)
-        loss = train_step(model, criterion, optimizer, scaler, x, target, dtype)
+        with CompileTimer(loss_fn, x, verbose=is_main):
+            loss = train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn)
         if after_step is not None:
             after_step()
         loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])

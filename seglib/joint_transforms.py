@@ -4,6 +4,15 @@ from torchvision.transforms import v2
 
 
 AUGMENTATIONS = ("full", "flip", "none")  # see train_transform
+CROP_SCALE = (0.4, 1.0)  # share of the image's area a scale-crop keeps
+CROP_ASPECT_SPREAD = 0.85  # the crop's aspect ratio lies within the output's, times or divided by this
+JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}  # ColorJitter's strengths
+
+
+def crop_ratio(height, width):
+    """(min, max) aspect ratio, width / height, of the scale-crop for an output of (height, width)."""
+    aspect = width / height
+    return aspect * CROP_ASPECT_SPREAD, aspect / CROP_ASPECT_SPREAD
 
 
 def train_transform(height, width, augment="full", random_flip=True):
@@ -25,11 +34,10 @@ def train_transform(height, width, augment="full", random_flip=True):
         return v2.Compose([*flip, resize])
     if augment != "full":
         raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
-    aspect = width / height
     return v2.Compose([
         *flip,
-        v2.RandomResizedCrop((height, width), scale=(0.4, 1.0), ratio=(aspect * 0.85, aspect / 0.85), antialias=True),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        v2.RandomResizedCrop((height, width), scale=CROP_SCALE, ratio=crop_ratio(height, width), antialias=True),
+        v2.ColorJitter(**JITTER),
     ])
 
 

@@ -144,11 +144,17 @@ def save_confusion_figure(confusion, class_names, path, title):
 
 
 def plot_curves(metrics_path, figure_path):
-    """Redraw training loss and validation mIoU (both definitions) per epoch from metrics.jsonl."""
-    plt = pyplot()
+    """Redraw training loss and validation mIoU (both definitions) per epoch from metrics.jsonl.
+
+    Drawn on a bare matplotlib Figure, not through pyplot, so that training's background writer thread may draw
+    it whatever the user's default backend.
+    """
+    from matplotlib.figure import Figure
+
     rows = read_metrics(metrics_path)
     epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o", ms=3)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
@@ -162,4 +168,3 @@ def plot_curves(metrics_path, figure_path):
     ax2.legend(loc="lower right")
     fig.tight_layout()
     save_figure(fig, figure_path)
-    plt.close(fig)

@@ -279,10 +279,10 @@ def test_training_levers_reach_the_run(tmp_path, drinks, monkeypatch, capsys):
     shapes, zeroed = [], []
     real_step, real_zero = engine.train_step, train.zero_init_residual_
 
-    def recording_step(model, criterion, optimizer, scaler, x, target, dtype):
+    def recording_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn=None):
         shapes.append((tuple(x.shape[-2:]), tuple(target.shape[-2:]), criterion.loss,
                        criterion.class_weights.tolist()))
-        return real_step(model, criterion, optimizer, scaler, x, target, dtype)
+        return real_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn)
 
     def recording_zero(model):
         zeroed.append(real_zero(model))

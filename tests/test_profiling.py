@@ -1,0 +1,62 @@
+"""benchmark.py --profile and --epoch: the profile's categories, layer groups and phases on the CPU, and whole
+epochs of train.py timed from its metrics."""
+import pytest
+import torch
+
+import benchmark
+from seglib.epoch_timing import epoch_figures
+from seglib.profiling import categorise, summarise
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("name,category", [
+    ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv weight grad"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16", "conv data grad"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16", "convolution forward"),
+    ("aten::mkldnn_convolution", "convolution forward"), ("aten::convolution_backward", "conv backward (data + weight)"),
+    ("void at::native::batch_norm_collect_statistics_channels_last_kernel", "batchnorm"),
+    ("aten::native_batch_norm_backward", "batchnorm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::threshold_kernel_impl>", "pointwise"),
+    ("void at::native::(anonymous namespace)::fused_adam_kernel", "optimizer"),
+    ("Memcpy HtoD (Pageable -> Device)", "copies"), ("aten::nll_loss2d_forward", "loss"),
+    ("aten::upsample_bilinear2d", "upsample"), ("aten::empty_strided", "other")])
+def test_kernels_and_operators_get_their_category(name, category):
+    assert categorise(name) == category
+
+
+def test_cpu_profile_splits_a_step_by_category_group_and_phase():
+    args = benchmark.get_args_parser().parse_args(["--device", "cpu", "--height", "64", "--width", "96", "--steps",
+                                                   "1", "--warmup", "1"])
+    p = benchmark.measure_profile(args, CPU)
+    categories, groups, phases = (summarise(p, k) for k in ("category", "group", "phase"))
+    assert {"convolution forward", "conv backward (data + weight)", "batchnorm", "pointwise", "optimizer"} <= set(
+        c for c, ms in categories.items() if ms > 0)
+    assert {"stem", "stage1", "stage2", "stage3", "pyramid", "up", "classifier", "optimizer"} <= set(groups)
+    assert set(phases) == {"forward", "backward", "optimizer"} and min(phases.values()) > 0
+    # each stage's backward is there too, found through the autograd sequence numbers
+    assert {r["group"] for r in p["rows"] if r["phase"] == "backward"} >= {"stage1", "stage2", "stage3", "up"}
+    assert sum(r["ms"] for r in p["rows"]) == pytest.approx(p["busy_ms"])
+    assert 0 < p["busy_ms"] <= p["step_ms"] * 1.01  # operators run inside the step's wall time
+
+
+def test_epoch_figures_come_from_the_metrics_timestamps():
+    rows = [{"epoch": 1, "seconds": 9.0, "time": 110.0, "train_images": 900},
+            {"epoch": 2, "seconds": 3.5, "time": 114.0, "train_images": 900},
+            {"epoch": 3, "seconds": 3.9, "time": 119.0, "train_images": 900}]
+    f = epoch_figures(rows, started=100.0)
+    assert f["epoch_s"] == 4.5 and f["epoch_img_s"] == 200.0 and f["epoch_s_each"] == [4.0, 5.0]
+    assert f["startup_s"] == 1.0 and f["first_epoch_s"] == 9.0
+    assert f["book_run_min"] == pytest.approx((9.0 + 99 * 4.5) / 60)
+
+
+def test_benchmark_epoch_runs_train_py_and_reports_the_epoch_rate(drinks, tmp_path):
+    args = benchmark.get_args_parser().parse_args([
+        "--data-only", "--device", "cpu", "--height", "32", "--width", "40", "--data-path", str(drinks),
+        "--workers", "0", "--data-images", "4", "--epoch", "--epoch-limit", "12", "--json",
+        "--epoch-flags", "--val-fraction 0.01 --workers 0 --batch-size 4 --save-every 2"])
+    r = benchmark.main(args)
+    assert r["epochs_timed"] == 3 and r["epoch_train_images"] == 12
+    assert r["epoch_img_s"] == pytest.approx(12 / r["epoch_s"], rel=1e-3)
+    assert len(r["epoch_s_each"]) == 2 and all(s > 0 for s in r["epoch_s_each"])
+    assert "--save-every 2" in r["command"] and r["compile_lines"] == []  # nothing compiled without --compile
