@@ -32,7 +32,7 @@ from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory,
                          make_grad_scaler, seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
-from seglib.compiled import COMPILE_MODES, LossFunction
+from seglib.compiled import COMPILE_MODES, LossFunction, synchronize
 from seglib.engine import build_optimizer, train_step
 from seglib.epoch_timing import format_epochs, time_epochs
 from seglib.losses import build_criterion
@@ -44,21 +44,15 @@ from seglib.registry import MODELS, build_model, model_options
 from seglib.schedules import BASE_LR
 
 
-def sync(device):
-    """Wait for queued GPU work, so wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, steps, warmup, device):
     """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    sync(device)
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(steps):
         fn()
-    sync(device)
+    synchronize(device)
     return (time.perf_counter() - t) / steps
 
 

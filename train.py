@@ -21,7 +21,7 @@ from torch import distributed as dist
 
 from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed,
-                         keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler, rng_state,
+                         keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler,
                          save_checkpoint, seed_everything, set_rng_state)
 from resnet import L2_WEIGHT, zero_init_residual_
 from seglib.checkpoints import BackgroundWriter, check_resume, checkpoint_state, host_copy, save_job, trim_metrics

@@ -9,6 +9,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from seglib.compiled import synchronize
+
 GROUP_PREFIX = "group:"
 # the first rule whose words appear in the lower-cased kernel or operator name decides its category
 RULES = (
@@ -100,13 +102,11 @@ def profile_steps(model, step, device, steps=3):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
         with profile(activities=activities) as prof:
-            if cuda:
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
-            if cuda:
-                torch.cuda.synchronize(device)
+            synchronize(device)
             wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     finally:
         for h in handles:
