@@ -29,16 +29,16 @@ import torch
 from torch import nn
 
 from data_generator import build_loader, default_data_path, make_dataset
-from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory,
-                         make_grad_scaler, seed_everything)
+from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory, make_grad_scaler,
+                         seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
 from seglib.compiled import COMPILE_MODES, LossFunction, synchronize
 from seglib.engine import build_optimizer, train_step
 from seglib.epoch_timing import format_epochs, time_epochs
-from seglib.losses import build_criterion
 from seglib.errors import DataError, at_least, check_flags, run_cli
-from seglib.flops import model_gflops
+from seglib.flops import model_gflops, training_gbytes
 from seglib.inference import to_input
+from seglib.losses import build_criterion
 from seglib.profiling import format_profile, profile_steps
 from seglib.registry import MODELS, build_model, model_options
 from seglib.schedules import BASE_LR
@@ -274,7 +274,8 @@ def resolve_args(args, device):
 def measure_model(args, device, r):
     """Add the model's FLOPs, its training and inference rates on every path, MFU and memory to ``r``."""
     fwd_gflops, train_gflops = model_gflops(args.model, args.height, args.width)
-    r.update(gflops_per_img=round(fwd_gflops, 3), train_gflops_per_img=round(train_gflops, 3))
+    r.update(gflops_per_img=round(fwd_gflops, 3), train_gflops_per_img=round(train_gflops, 3),
+             train_gb_per_img=round(training_gbytes(args.model, args.height, args.width), 3))  # unfused, bf16
     r["peak_bf16_gflops"] = matmul_peak_gflops(device, torch.bfloat16)
     r["peak_fp32_gflops"] = matmul_peak_gflops(device, torch.float32)
     r["peak_bf16_datasheet_gflops"] = datasheet_gflops(device)
@@ -315,7 +316,8 @@ def print_table(r, args):
     print(f"{args.model} on {r['device']} ({r['threads']} threads), torch {r['torch']}, {args.height}x{args.width}, "
           f"batch {args.batch_size}, {args.steps} steps after {args.warmup}")
     if "train_img_s" in r:
-        print(f"model: {r['gflops_per_img']:.2f} GFLOPs/img forward, {r['train_gflops_per_img']:.2f} forward+backward")
+        print(f"model: {r['gflops_per_img']:.2f} GFLOPs/img forward, {r['train_gflops_per_img']:.2f} forward+backward, "
+              f"{r['train_gb_per_img']:.2f} GB/img moved by forward+backward unfused in bf16")
         print(f"matmul peak: bf16 {r['peak_bf16_gflops']:.0f} GFLOP/s, fp32 {r['peak_fp32_gflops']:.0f} GFLOP/s")
         print(f"{'':<12}{'plain fp32':>12}{'fp32':>8}{'fast':>8}{'speed-up':>10}{'GFLOP/s':>10}{'MFU (bf16)':>12}")
         for kind in ("train", "infer"):

@@ -22,6 +22,7 @@ from seglib.errors import CheckpointError, DataError, at_least, check_flags, run
 from seglib.files import read_image
 from seglib.inference import TTA_MODES, input_dtype, predict, predictor, to_input, upsample_argmax
 from seglib.plots import overlay, save_image, save_mask_png
+from seglib.progress import progress
 from seglib.scoring import evaluate_checkpoint, load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -71,7 +72,7 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False,
     fast = predictor(model, dtype, True, compile)
     files, skipped = image_files(paths)
     written, failed = [], []
-    for path, name in zip(files, output_stems(files)):
+    for path, name in progress(list(zip(files, output_stems(files))), desc="segmenting", unit="img"):
         try:
             image = read_image(path)  # (H, W, 3) uint8
         except DataError as e:

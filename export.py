@@ -1,4 +1,5 @@
-"""Export a trained checkpoint to ONNX and check the file against PyTorch on real test images.
+"""Export a trained checkpoint to ONNX, or as released weights, and check the file against PyTorch on real test
+images.
 
 The file holds the inference form of the model (eval mode, BatchNorm folded, float32) with dynamic batch,
 height and width; input ``images`` (B, 3, H, W) float32 in [0, 1], outputs ``logits`` and ``labels`` (the
@@ -7,8 +8,14 @@ After export, onnxruntime runs it on a few test images at the training size (see
 dataset is not on this machine) and its logits are compared with the PyTorch float32 model's; below
 ``--min-agreement`` of pixels with the same argmax, nothing is written.
 
+``--format weights`` writes the model's weights alone (the EMA where the run kept one; no optimizer state:
+about a third of the checkpoint) with the config, class names and training flags, named
+``<name>-<first 8 hex digits of its SHA-256>.pt`` for ``torch.hub.load_state_dict_from_url(check_hash=True)``;
+hubconf.py loads it and evaluate.py scores it like a checkpoint (weights/MODEL_CARD.md: what a release states).
+
     python export.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt --output model.onnx
     python evaluate.py --weights model.onnx                       # score it with the same metrics
+    python export.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt --format weights
 """
 import argparse
 import contextlib
@@ -19,20 +26,25 @@ import torch
 
 from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import load_checkpoint
+from seglib.annotations import split_of
 from seglib.errors import DataError, ExportError, at_least, check_flags, run_cli
 from seglib.inference import to_input
 from seglib.onnx_model import OPSET, OnnxModel, export_onnx
+from seglib.progress import progress
 from seglib.registry import model_from_checkpoint
+from seglib.release import release_state, write_release
 
 
 @torch.inference_mode()
 def compare(model, onnx_model, images):
     """(largest absolute logit difference, share of pixels with the same argmax) of onnxruntime against the
     PyTorch ``model`` in float32 on ``images``, a float32 (B, 3, H, W) batch."""
-    reference = model(images)  # (B, C, H, W)
-    exported = onnx_model(images)
-    agreement = (reference.argmax(1) == exported.argmax(1)).double().mean().item()
-    return (reference - exported).abs().max().item(), agreement
+    largest, same = 0.0, 0.0
+    for image in progress(images.split(1), desc="checking the export", unit="img"):  # (1, 3, H, W) each
+        reference, exported = model(image), onnx_model(image)  # (1, C, H, W)
+        largest = max(largest, (reference - exported).abs().max().item())
+        same += (reference.argmax(1) == exported.argmax(1)).double().mean().item()
+    return largest, same / len(images)
 
 
 def check_images(data_path, config, n, workers=0):
@@ -60,7 +72,8 @@ def write_onnx(model, ckpt, weights, output, opset=OPSET):
     output = Path(output)
     tmp = output.with_name(f".{output.name}.tmp")
     train_args = ckpt.get("args", {})
-    split = {"val_fraction": train_args.get("val_fraction", 0.1), "seed": train_args.get("seed", 0)}
+    val_fraction, seed = split_of(train_args)
+    split = {"val_fraction": val_fraction, "seed": seed}  # the seed of the split (--split-seed)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(model, ckpt["config"], tmp, split, source=Path(weights).name, opset=opset)
@@ -74,7 +87,12 @@ def get_args_parser():
     """Flags of export.py."""
     p = argparse.ArgumentParser(description="Export a checkpoint to ONNX and check it against PyTorch.")
     p.add_argument("--weights", required=True, help="checkpoint to export, e.g. weights/<run>/best.pt")
-    p.add_argument("--output", default=None, help="ONNX file to write (default: the checkpoint's name with .onnx)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "weights"],
+                   help="onnx: an ONNX graph for onnxruntime; weights: the model's weights alone, named with their "
+                        "hash, for torch.hub and evaluate.py")
+    p.add_argument("--output", default=None,
+                   help="file to write (default: the checkpoint's name with .onnx; with --format weights, the run "
+                        "folder's name in the checkpoint's folder, with -<hash>.pt appended to the stem)")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
     p.add_argument("--data-path", default=default_data_path(),
                    help="dataset whose test images check the export (default: $DRINKS_DATA or dataset/drinks)")
@@ -86,11 +104,34 @@ def get_args_parser():
     return p
 
 
+def export_weights(args, ckpt):
+    """Write the release file (hashed name), read it back and check it gives the checkpoint's logits exactly."""
+    target = Path(args.output or Path(args.weights).resolve().parent.name)
+    folder = target.parent if args.output else Path(args.weights).parent
+    path = write_release(release_state(ckpt, args.weights), folder, target.name.removesuffix(".pt"))
+    result = {"output": str(path), "bytes": path.stat().st_size}
+    if args.check_images > 0:
+        images, source = check_images(args.data_path, ckpt["config"], args.check_images)
+        with torch.inference_mode():
+            same = torch.equal(model_from_checkpoint(ckpt, args.weights).eval()(images),
+                               model_from_checkpoint(load_checkpoint(path), path).eval()(images))
+        if not same:
+            path.unlink()
+            raise ExportError(f"{path}: read back, it does not give the checkpoint's logits; removed")
+        result["checked_on"] = source
+        print(f"read back {path}: the same logits as {args.weights} on {source}")
+    print(f"wrote {path} ({result['bytes'] / 2 ** 20:.1f} MiB; the checkpoint: "
+          f"{Path(args.weights).stat().st_size / 2 ** 20:.1f} MiB)")
+    return result
+
+
 def main(args):
     """Export, check against PyTorch, then move the file into place. Returns the check's numbers."""
     check_flags(args, [at_least("--check-images", 0), ("--min-agreement", lambda v: 0 <= v <= 1, "between 0 and 1")])
     if Path(args.weights).suffix.lower() == ".onnx":
         raise ExportError(f"{args.weights}: is an ONNX file already; --weights takes a checkpoint (.pt)")
+    if args.format == "weights":
+        return export_weights(args, load_checkpoint(args.weights))
     output = Path(args.output or Path(args.weights).with_suffix(".onnx"))
     if output.is_dir():
         raise ExportError(f"{output}: is a folder; --output takes the ONNX file to write")

@@ -1,9 +1,14 @@
 """What every run needs around the model: checkpoints written and read safely, seeding and RNG states, devices
-and mixed precision (with the fast inference form of a model), loader workers, and distributed set-up."""
+and mixed precision (with the fast inference form of a model), loader workers, and distributed set-up.
+
+It sits at the bottom of the house with the model files: it imports nothing of the project, so it defines the
+two errors it raises itself (seglib/errors.py lists them with the others)."""
 import copy
 import ctypes
+import hashlib
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +18,17 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from seglib.errors import CheckpointError, UsageError
-
 CONFIG_KEYS = ("n_classes", "height", "width", "class_names")
+HASH_DIGITS = 8  # a released file is named <name>-<first 8 hex digits of its SHA-256>.pt (seglib/release.py)
+HASHED_NAME = re.compile(r"-([0-9a-f]{8,64})\.pt$")  # the part torch.hub's check_hash reads
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or incompatible checkpoint; the message names the file."""
+
+
+class UsageError(ValueError):
+    """A flag whose value is out of range or does not fit the run; the message names the flag and the value."""
 
 
 def keep_freed_memory():
@@ -53,8 +66,27 @@ def save_checkpoint(state, path):
         tmp.unlink(missing_ok=True)
 
 
+def sha256_of(path):
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_name_hash(path):
+    """CheckpointError if ``path`` is named ``<name>-<hex digits>.pt`` and its SHA-256 does not begin with them
+    (a damaged or altered release); a name without such digits is not checked, as in torch.hub."""
+    match = HASHED_NAME.search(Path(path).name)
+    if match and not sha256_of(path).startswith(match.group(1)):
+        raise CheckpointError(f"{path}: its SHA-256 does not start with the {match.group(1)} in its name "
+                              f"(a damaged or altered file); download or export it again")
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely (``weights_only=True``: plain tensors and containers, no arbitrary objects)."""
+    """Load a checkpoint safely (``weights_only=True``: plain tensors and containers, no arbitrary objects). A
+    released file, named with its hash, is checked against it first."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
@@ -62,6 +94,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: is an ONNX file, not a checkpoint (evaluate.py scores it; this needs a .pt)")
+    check_name_hash(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
@@ -104,7 +137,13 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state((cuda[0] if isinstance(cuda, (list, tuple)) else cuda).cpu())
+        torch.cuda.set_rng_state(this_gpus_rng_state(cuda))
+
+
+def this_gpus_rng_state(saved):
+    """The CUDA RNG state to restore on this process's GPU from a checkpoint's: the state itself, or the first
+    of a list of one state per GPU (checkpoints written before states were saved per process)."""
+    return (saved[0] if isinstance(saved, (list, tuple)) else saved).cpu()
 
 
 # --------------------------------------------------------------------------------------------------- devices

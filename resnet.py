@@ -19,6 +19,7 @@ book's L2 penalty of 1e-4; ``ResNetV2.l2_parameters()`` returns them so a traine
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 BN_MOMENTUM = 0.01  # Keras momentum 0.99: running = 0.99 * running + 0.01 * batch
 BN_EPS = 1e-3  # Keras default epsilon
@@ -54,18 +55,10 @@ def init_keras_(module):
                 nn.init.zeros_(m.bias)
 
 
-@torch.no_grad()
-def fold_bn_(conv, bn):
-    """Fold an eval-mode BatchNorm that directly follows ``conv`` into the conv's weight and bias, in place."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-    shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
-    conv.weight.mul_(scale.reshape(shape))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * scale + bn.bias
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias)
-    else:
-        conv.bias.copy_(new_bias)
+def fuse_conv_bn(conv, bn):
+    """``conv`` followed by the eval-mode BatchNorm ``bn``, as one new conv (torch's ``fuse_conv_bn_eval``; a
+    transposed conv keeps its output channels in dim 1 of its weight)."""
+    return fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -102,7 +95,7 @@ class ConvBNReLU(nn.Module):
 
     def fuse_bn_(self):
         """Fold the BatchNorm into the conv for inference (call in eval mode)."""
-        fold_bn_(self.conv, self.bn)
+        self.conv = fuse_conv_bn(self.conv, self.bn)
         self.bn = nn.Identity()
 
 
@@ -135,8 +128,8 @@ class Bottleneck(nn.Module):
 
     def fuse_bn_(self):
         """Fold bn2 into conv1 and bn3 into conv2 (bn1 follows a residual sum and stays)."""
-        fold_bn_(self.conv1, self.bn2)
-        fold_bn_(self.conv2, self.bn3)
+        self.conv1 = fuse_conv_bn(self.conv1, self.bn2)
+        self.conv2 = fuse_conv_bn(self.conv2, self.bn3)
         self.bn2 = nn.Identity()
         self.bn3 = nn.Identity()
 

@@ -14,34 +14,37 @@ import argparse
 import copy
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import distributed as dist
 
-from data_generator import build_loader, default_data_path, make_dataset
-from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed,
-                         keep_freed_memory, load_checkpoint, make_grad_scaler, restore_grad_scaler,
-                         save_checkpoint, seed_everything, set_rng_state)
+from data_generator import default_data_path, make_dataset
+from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed, keep_freed_memory,
+                         load_checkpoint, make_grad_scaler, restore_grad_scaler, save_checkpoint, seed_everything,
+                         set_rng_state)
 from resnet import L2_WEIGHT, zero_init_residual_
 from seglib.checkpoints import BackgroundWriter, check_resume, checkpoint_state, host_copy, save_job, trim_metrics
 from seglib.compiled import COMPILE_MODES, LossFunction, load_compile_cache, save_compile_cache
-from seglib.device_data import DeviceEvalLoader, DeviceTrainLoader, data_on_device
+from seglib.device_data import DeviceTrainLoader, build_loaders
 from seglib.download import ensure_data
 from seglib.ema import ModelEMA
-from seglib.engine import StopRequest, build_optimizer, estimate_cpu_minutes, train_one_epoch
+from seglib.engine import StopRequest, build_optimizer, check_weights_agree, estimate_cpu_minutes, train_one_epoch
 from seglib.errors import TrainingError, UsageError, at_least, check_flags, run_cli
 from seglib.files import append_jsonl, write_json
 from seglib.inference import TTA_MODES, evaluate_model
 from seglib.joint_transforms import AUGMENTATIONS
-from seglib.losses import LOSSES, Criterion, build_criterion, median_frequency_weights, pixel_shares
+from seglib.losses import LOSSES, Criterion, build_criterion, resolve_class_weights
+from seglib.plots import plot_curves
 from seglib.recipes import (CPU_COMMAND, RECIPES, RecipeArgumentParser, class_weights, ema_decay, epoch_size,
                             progressive_step, recipe_flags)
-from seglib.plots import plot_curves
 from seglib.registry import (MODELS, build_model, checkpoint_model, load_backbone_, model_options,
                              read_backbone_weights, run_name)
 from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
 from seglib.scoring import evaluate_checkpoint
+from seglib.tensorboard_log import TensorBoardLog, tensorboard_available
+
 
 def default_run_name(args):
     """A name built from the model and the recipe, e.g. ``fcn-resnet56v2-4layer-drinks`` (``...-cpu``)."""
@@ -51,7 +54,8 @@ def default_run_name(args):
 
 def get_args_parser():
     """Flags of train.py; defaults are the book's recipe."""
-    p = RecipeArgumentParser(description="Train the book's FCN / ResNet-v2, or another registered model, on the drinks dataset.")
+    p = RecipeArgumentParser(
+        description="Train the book's FCN / ResNet-v2, or another registered model, on the drinks dataset.")
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="a named recipe that sets the defaults of its flags (explicit flags still win); "
                         + "; ".join(f"{name}: {recipe_flags(name)}" for name in RECIPES)
@@ -85,7 +89,8 @@ def get_args_parser():
     p.add_argument("--output-dir", default="weights", help="checkpoints and logs go to <output-dir>/<run-name>")
     p.add_argument("--figures-dir", default="figures", help="figures go to <figures-dir>/<run-name>")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/<run-name>/last.pt if it exists")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N training images (smoke runs: no start-up time estimate on the CPU)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training annotations held out")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="full",
                    help="training augmentation: full (flip, scale-crop, colour jitter), flip (only), none (resize)")
@@ -114,8 +119,15 @@ def get_args_parser():
     p.add_argument("--save-in-background", action=argparse.BooleanOptionalAction, default=None,
                    help="write checkpoints and curves from a background thread while the next epoch trains "
                         "(default: on for CUDA; off on the CPU, where the training's threads use every core)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard under <run dir>/tb/ (needs the tensorboard package): the loss and "
+                        "rate as the loop syncs, each epoch's validation metrics, speed and predictions; off by "
+                        "default (metrics.jsonl is the run's record either way)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes when distributed")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, augmentation and the split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentation")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of which training images are held out for validation (default 0 for every --seed, "
+                        "so runs of several seeds validate on the same images)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise-reproducible runs)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
@@ -167,6 +179,8 @@ def check_args(args):
         at_least("--limit", 1), at_least("--loss-weight", 0), at_least("--save-every", 1),
         ("--val-fraction", lambda v: 0 < v < 1, "between 0 and 1, both excluded (the run needs training and "
                                                  "validation images)")])
+    if args.tensorboard and not tensorboard_available():
+        raise UsageError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     if args.flips == "alternate" and args.augment == "none":
         raise UsageError("--flips alternate: flips need --augment flip or full (--augment none has none)")
     untils = [step[2] for step in args.progressive]
@@ -175,42 +189,9 @@ def check_args(args):
                          f"fractions must increase from step to step")
 
 
-def resolve_class_weights(choice, train_set, class_names):
-    """The cross-entropy's (C,) class weights for --class-weights ``choice`` (None for "none"), printed."""
-    if choice == "none":
-        return None
-    if choice == "auto":
-        weights = median_frequency_weights(pixel_shares(train_set.masks, len(class_names)))
-    elif len(choice) != len(class_names):
-        raise UsageError(f"--class-weights {','.join(map(str, choice))}: needs one weight per class, "
-                         f"{len(class_names)} ({', '.join(class_names)})")
-    else:
-        weights = torch.tensor(choice, dtype=torch.float32)
-    print("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weights.tolist())))
-    return weights
-
-
 def _background(args, device):
     """Whether checkpoints and curves are written from a background thread (--save-in-background)."""
     return device.type == "cuda" if args.save_in_background is None else args.save_in_background
-
-
-def _loaders(args, train_set, val_set, device, info):
-    """The training and validation loaders: the data loader's worker processes, or (--data-on-device) the decoded
-    splits in device memory, augmented there. Both iterate the same sampler, so the data is the same."""
-    train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
-    # validation only resizes 100 images an epoch: two workers keep up, and idle persistent ones cost memory
-    val_loader = build_loader(val_set, args.batch_size, False, min(2, args.workers), args.seed, info.rank,
-                              info.world_size)
-    on_device, why_not = data_on_device(args.data_on_device, device, (train_set, val_set))
-    if why_not and info.is_main:
-        print(why_not)
-    if not on_device:
-        return train_loader, val_loader
-    size = (args.height, args.width)
-    return (DeviceTrainLoader(train_set, train_loader.sampler, args.batch_size, device, size, args.augment,
-                              args.flips == "random"),
-            DeviceEvalLoader(val_set, val_loader.sampler, args.batch_size, device, size))
 
 
 def main(args):
@@ -242,17 +223,18 @@ def _train(args, info, device):
     if ckpt is not None:
         check_resume(args, ckpt, last_path)
     dtype = amp_dtype(device, args.amp)
-    data_path = ensure_data(args.data_path) if info.is_main else Path(args.data_path)
+    # each node's first process readies its own copy (nodes need not share a filesystem); the others wait
+    data_path = ensure_data(args.data_path) if info.local_rank == 0 else Path(args.data_path)
     barrier(device)
     train_set, class_names = make_dataset(data_path, "train", args.height, args.width, args.augment,
-                                          args.val_fraction, args.seed, args.limit, workers=args.workers,
+                                          args.val_fraction, args.split_seed, args.limit, workers=args.workers,
                                           random_flip=args.flips == "random")
     if ckpt is not None and list(ckpt["config"]["class_names"]) != list(class_names):
         raise UsageError(f"--data-path {args.data_path}: its classes {class_names} are not those of {last_path} "
                          f"({ckpt['config']['class_names']})")
-    val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.seed,
+    val_set, _ = make_dataset(data_path, "val", args.height, args.width, False, args.val_fraction, args.split_seed,
                               workers=args.workers)
-    train_loader, val_loader = _loaders(args, train_set, val_set, device, info)
+    train_loader, val_loader = build_loaders(args, train_set, val_set, device, info)
     if len(train_loader) == 0:
         raise UsageError(f"--batch-size {args.batch_size}: {len(train_set)} training images give no full batch of "
                          f"{args.batch_size} per process")
@@ -275,6 +257,7 @@ def _train(args, info, device):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size,
                     "data_on_device": on_device}, run_dir / "config.json")
+    tb = None
     optimizer = build_optimizer(model, args.lr, args.l2)
     scaler = make_grad_scaler(device, dtype)
     criterion = build_criterion(args.loss, None if weights is None else weights.to(device), args.loss_weight)
@@ -305,7 +288,7 @@ def _train(args, info, device):
         if args.compile_cache and load_compile_cache(args.compile_cache) and info.is_main:
             print(f"loaded the compile cache {args.compile_cache}")
         loss_fn = LossFunction(train_model, criterion, dtype, args.compile_backend, args.compile_mode)
-    if device.type == "cpu" and info.is_main and start_epoch < args.epochs:
+    if device.type == "cpu" and info.is_main and start_epoch < args.epochs and args.limit is None:
         minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set),
                                        Criterion(args.loss, weights, args.loss_weight))
         sizes = " then ".join([f"{h}x{w}" for h, w, _ in args.progressive] + [f"{args.height}x{args.width}"])
@@ -313,8 +296,11 @@ def _train(args, info, device):
               f"at {sizes}: {minutes:.0f} min. The CPU recipe (about half an hour on 2 cores, "
               f"README.md): {CPU_COMMAND}")
 
-    with StopRequest() as stop, BackgroundWriter(threaded=_background(args, device)) as writer:
-        steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it
+    steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it
+    if args.tensorboard and info.is_main:
+        # from the step after the checkpoint on, whatever an interrupted run logged goes (TensorBoard's purge)
+        tb = TensorBoardLog(run_dir / "tb", purge_step=start_epoch * steps_per_epoch + start_step + 1)
+    with StopRequest() as stop, BackgroundWriter(threaded=_background(args, device)) as writer, (tb or nullcontext()):
         for epoch in range(start_epoch, args.epochs):
             def lr_fn(step, epoch=epoch):
                 return learning_rate(args.lr_schedule, epoch * steps_per_epoch + step, steps_per_epoch, args.epochs,
@@ -330,7 +316,8 @@ def _train(args, info, device):
             loss_state, step, stopped = train_one_epoch(
                 train_model, criterion, optimizer, scaler, train_loader, device, epoch, args, dtype, stop,
                 start_step if epoch == start_epoch else 0, loss_state, info.is_main, info.world_size, lr_fn,
-                None if ema is None else lambda: ema.update(model), loss_fn)
+                None if ema is None else lambda: ema.update(model), loss_fn,
+                tb and (lambda step, loss, lr, epoch=epoch: tb.step(epoch * steps_per_epoch + step, loss, lr)))
             if stopped:
                 if info.is_main:
                     writer.wait()  # an older last.pt still being written must not land after this one
@@ -356,17 +343,22 @@ def _train(args, info, device):
                           "val_iou_per_class": [r["iou"] for r in val["per_class"]]}
                 append_jsonl(metrics_path, record)
                 due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs
-                paths = [best_path] * improved + [last_path] * due
                 # the snapshot is taken here, on this thread; the disk and the figure are the writer's
                 state = checkpoint_state(model, optimizer, scaler, args, class_names, epoch + 1, 0, best, loss_state,
-                                         ema) if paths else None
+                                         ema) if improved or due else None
                 state = host_copy(state) if writer.threaded and state else state
-                writer.submit(save_job(state, *paths), lambda: plot_curves(metrics_path, fig_dir / "curves.png"))
+                jobs = [save_job(state, best_path if improved else None, last_path if due else None),
+                        lambda: plot_curves(metrics_path, fig_dir / "curves.png")]
+                if tb is not None:  # the scalars now; the figure of this epoch's predictions with the files
+                    jobs.append(tb.epoch((epoch + 1) * steps_per_epoch, record, class_names, scored, val_set,
+                                         device, dtype, args.channels_last))
+                writer.submit(*jobs)
                 if loss_fn is not None and args.compile_cache and loss_fn.take_new_graphs():
                     save_compile_cache(args.compile_cache)
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU per image {val['miou_per_image']:.4f}"
                       f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s")
 
+    check_weights_agree(model, info.is_main)
     barrier(device)
     if info.is_main and args.test and best_path.exists():
         metrics = evaluate_checkpoint(best_path, data_path, "test", args.batch_size, args.workers, str(device),

@@ -15,7 +15,7 @@ from seglib.registry import model_options
 
 # flags a resumed run must keep (the model's are checked with the model): they change the data, the split or the
 # steps; --epochs may change
-RESUME_FIXED = ("height", "width", "batch_size", "data_path", "val_fraction", "seed", "limit")
+RESUME_FIXED = ("height", "width", "batch_size", "data_path", "val_fraction", "seed", "split_seed", "limit")
 
 
 def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, best, loss_state, ema=None):
@@ -61,8 +61,9 @@ class BackgroundWriter:
     ``submit`` first waits for the job before it (so files are written in order and at most one snapshot is held
     in memory), then starts the new one. A job's error is raised by the next ``submit`` or ``wait``. Use it as a
     context manager: leaving waits for the last job. ``threaded=False`` runs the jobs at once instead: on a
-    CPU the training's threads already use every core, and a job beside them slows them by more than it takes. Each checkpoint is still written to a temporary name and
-    renamed (model_utils.save_checkpoint), so a kill at any moment leaves the previous file or the new one.
+    CPU the training's threads already use every core, and a job beside them slows them by more than it takes.
+    Each checkpoint is still written to a temporary name and renamed (model_utils.save_checkpoint), so a kill
+    at any moment leaves the previous file or the new one.
     """
 
     def __init__(self, threaded=True):
@@ -108,9 +109,24 @@ class BackgroundWriter:
         return False
 
 
-def save_job(state, *paths):
-    """A job that saves the host snapshot ``state`` to each of ``paths``, atomically."""
-    return lambda: [save_checkpoint(state, path) for path in paths]
+RESUME_ONLY = ("optimizer", "scaler", "loss_state", "rng")  # what last.pt holds for --resume and best.pt need not
+
+
+def scoring_state(state):
+    """``state`` without what only ``--resume`` needs: the weights (and EMA), config, epoch, score and flags that
+    evaluation and export read, a third of the full state's size (Adam keeps two moments per weight)."""
+    return {k: v for k, v in state.items() if k not in RESUME_ONLY}
+
+
+def save_job(state, best_path=None, last_path=None):
+    """A job that saves the host snapshot ``state`` atomically: in full to ``last_path`` and without the resume
+    state to ``best_path`` (either None: not this epoch)."""
+    def job():
+        if best_path is not None:
+            save_checkpoint(scoring_state(state), best_path)
+        if last_path is not None:
+            save_checkpoint(state, last_path)
+    return job
 
 
 def trim_metrics(path, epochs_done):

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from seglib.joint_transforms import CROP_SCALE, JITTER, crop_ratio
+from seglib.loaders import build_loader
 
 DEVICE_SHARE = 0.25  # the decoded data may take at most this share of a GPU's memory (see data_on_device)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's operations, in its numbering
@@ -249,3 +250,21 @@ class DeviceEvalLoader:
             picks = order[start:start + self.batch_size]
             images = [resize_image(self.images[i], self.size).to(torch.uint8) for i in picks]
             yield torch.stack(images), [self.masks[i] for i in picks]
+
+
+def build_loaders(args, train_set, val_set, device, info):
+    """The training and validation loaders: the data loader's worker processes, or (--data-on-device) the decoded
+    splits in device memory, augmented there. Both iterate the same sampler, so the data is the same."""
+    train_loader = build_loader(train_set, args.batch_size, True, args.workers, args.seed, info.rank, info.world_size)
+    # validation only resizes 100 images an epoch: two workers keep up, and idle persistent ones cost memory
+    val_loader = build_loader(val_set, args.batch_size, False, min(2, args.workers), args.seed, info.rank,
+                              info.world_size)
+    on_device, why_not = data_on_device(args.data_on_device, device, (train_set, val_set))
+    if why_not and info.is_main:
+        print(why_not)
+    if not on_device:
+        return train_loader, val_loader
+    size = (args.height, args.width)
+    return (DeviceTrainLoader(train_set, train_loader.sampler, args.batch_size, device, size, args.augment,
+                              args.flips == "random"),
+            DeviceEvalLoader(val_set, val_loader.sampler, args.batch_size, device, size))

@@ -8,7 +8,6 @@ Used through data_generator.py:
     python data_generator.py --download --url URL1 --url URL2            # mirrors, tried in order
     python data_generator.py --download --archive ~/Downloads/drinks.tar.gz
 """
-import hashlib
 import os
 import tarfile
 import tempfile
@@ -16,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from model_utils import sha256_of
 from seglib.errors import DataError
 
 DEFAULT_DATA_PATH = "dataset/drinks"
@@ -29,15 +29,6 @@ JSON_SHA256 = {
 }
 BY_HAND = ("Get drinks.tar.gz in a browser (dataset/README.md says where), then run: "
            "python data_generator.py --download --archive PATH")
-
-
-def sha256_file(path):
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def mirror_urls(urls=None):
@@ -98,7 +89,7 @@ def _extract_verified(archive, target, checksums):
         for name, expected in checksums.items():
             if not (folder / name).is_file():
                 raise DataError(f"{archive}: {name} is missing from the archive")
-            actual = sha256_file(folder / name)
+            actual = sha256_of(folder / name)
             if actual != expected:
                 raise DataError(f"{archive}: {name} has SHA-256 {actual}, expected {expected}")
         folder.rename(target)

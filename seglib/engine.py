@@ -9,16 +9,15 @@ import torch
 from torch import distributed as dist
 from torch.nn import functional as F
 from torch.profiler import record_function
-from tqdm import tqdm
 
 from model_utils import make_grad_scaler
 from seglib.compiled import CompileTimer
 from seglib.ema import ModelEMA
 from seglib.errors import TrainingError
 from seglib.inference import to_input, tta_cost
+from seglib.progress import progress
 from seglib.recipes import epoch_size
 from seglib.schedules import set_lr
-
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
 
@@ -81,11 +80,12 @@ def train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn=No
 
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
-                    loss_state, is_main, world_size, lr_fn, after_step=None, loss_fn=None):
+                    loss_state, is_main, world_size, lr_fn, after_step=None, loss_fn=None, log_step=None):
     """Train one epoch from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each step and
     calling ``after_step()`` (the EMA update) after it. Returns (loss_state, next_step, stopped).
     ``loader`` may be a DataLoader or a seglib.device_data.DeviceTrainLoader; ``loss_fn``: see ``train_step``
-    (a step that compiles a new shape is timed and reported).
+    (a step that compiles a new shape is timed and reported). ``log_step(step, running loss, lr)`` is called
+    where the loop syncs anyway (TensorBoard).
 
     ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
     syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
@@ -93,8 +93,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
     """
     model.train()
     steps = start_step + len(loader)
-    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=is_main)
     t0, seen, step = time.perf_counter(), 0, start_step
     for images, masks in loader:
         x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
@@ -119,7 +118,10 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
                 raise TrainingError(f"loss is not finite at epoch {epoch + 1} step {step}: stopping; "
                                     f"{Path(args.output_dir) / args.run_name / 'last.pt'} keeps the last good state")
             rate = seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{(loss_state[0] / loss_state[1]).item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            running = (loss_state[0] / loss_state[1]).item()
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            if log_step is not None:
+                log_step(step, running, lr)
             if flags[0] > 0:
                 bar.close()
                 return loss_state, step, True
@@ -159,3 +161,21 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val, criterion=F.cross_e
     val = per_image[final] if final in per_image else _seconds_per_image(model, args, dtype, criterion, *final)
     seconds = sum(per_image[size] * n_train + val * n_val / 2 * tta_cost(val_tta) for size in sizes)
     return seconds / 60
+
+
+def check_weights_agree(model, is_main=True):
+    """Distributed: TrainingError unless every rank holds the same weights (each parameter's float64 sum and sum
+    of squares, gathered from every rank and compared exactly); says so on the main rank. Single process: no-op.
+
+    DDP keeps them equal by averaging the gradients; nodes whose data or code differ would drift apart."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    params = [p.detach().double() for p in model.parameters()]
+    local = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params])  # (P, 2)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    differ = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differ:
+        raise TrainingError(f"the weights of ranks {differ} differ from rank 0's at the end of training")
+    if is_main:
+        print(f"the {len(gathered)} processes end with the same weights")

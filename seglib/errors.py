@@ -1,14 +1,13 @@
 """The errors a user can cause (bad files, flags or data) and how a script reports them: one line on stderr
-and exit status 1, never a traceback. Imports nothing of the project, so every module can raise them."""
+and exit status 1, never a traceback. Imports only model_utils.py, which sits below the package and defines
+the two errors it raises itself (CheckpointError, UsageError), so every module can raise them all."""
 import sys
+
+from model_utils import CheckpointError, UsageError
 
 
 class DataError(ValueError):
     """A problem with the dataset on disk; the message names the file and says what is wrong."""
-
-
-class CheckpointError(ValueError):
-    """A missing, corrupt or incompatible checkpoint; the message names the file."""
 
 
 class TrainingError(RuntimeError):
@@ -21,10 +20,6 @@ class ExportError(RuntimeError):
 
 class ModelError(ValueError):
     """An unknown model, or backbone weights that cannot be had or do not fit; the message says which."""
-
-
-class UsageError(ValueError):
-    """A flag whose value is out of range or does not fit the run; the message names the flag and the value."""
 
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError, ModelError, UsageError)

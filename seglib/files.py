@@ -1,35 +1,41 @@
-"""Reading and writing files: images, JSON written through a temporary name, JSON lines (metrics.jsonl)."""
+"""Reading and writing files: images (turned upright from their EXIF orientation), JSON written through a
+temporary name, JSON lines (metrics.jsonl)."""
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from seglib.errors import DataError
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores the photo turned
+TURNED_SIDEWAYS = {5, 6, 7, 8}  # the orientations whose upright image swaps width and height
+
 
 def read_image(path, where=None):
-    """An RGB uint8 (H, W, 3) array; grayscale, palette and RGBA images are converted to RGB."""
+    """An RGB uint8 (H, W, 3) array, upright: a phone photo's EXIF orientation is applied, as every photo viewer
+    and the VIA annotator show it. Grayscale, palette and RGBA images are converted to RGB."""
     where = where or str(path)
     if not Path(path).is_file():
         raise DataError(f"{where}: image file not found")
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # a writable copy
+            return np.array(ImageOps.exif_transpose(img).convert("RGB"))  # a writable copy
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot read image ({e})") from None
 
 
 def image_size(path, where=None):
-    """(height, width) from the image header, without decoding it."""
+    """(height, width) of the upright image (see read_image), from the header, without decoding it."""
     where = where or str(path)
     if not Path(path).is_file():
         raise DataError(f"{where}: image file not found")
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            sideways = img.getexif().get(EXIF_ORIENTATION, 1) in TURNED_SIDEWAYS
+            return (img.width, img.height) if sideways else (img.height, img.width)
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read image ({e})") from None
 

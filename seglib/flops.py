@@ -1,9 +1,12 @@
 """FLOPs of the registered models, counted by torch.utils.flop_counter on a forward and a backward pass
-(benchmark.py's GFLOPs and MFU, and the models figure of curves.py)."""
+(benchmark.py's GFLOPs and MFU, and the models figure of curves.py), and the bytes a training step moves when
+every operator reads its inputs and writes its outputs (the unfused figure of RESULTS.md's roofline)."""
 import math
 
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from seglib.registry import build_model
@@ -35,3 +38,40 @@ def model_gflops(name, height, width, n_classes=4):
         F.cross_entropy(logits, target).backward()
     return forward / 1e9, (forward + bwd.get_total_flops() / 2) / 1e9
 
+
+
+def _tensor_bytes(values):
+    return sum(t.numel() * t.element_size() for t in tree_leaves(values) if isinstance(t, torch.Tensor))
+
+
+def _is_view(func):
+    """Whether an aten operator returns a view of an input (no data moved) rather than new or rewritten data."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+class ByteCounter(TorchDispatchMode):
+    """Counts the bytes each aten operator reads (its tensor arguments) and writes (its tensor results), views
+    left out: the traffic of a step in which no two operators share a pass over memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.read = self.written = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _is_view(func):
+            self.read += _tensor_bytes((args, kwargs))
+            self.written += _tensor_bytes(out)
+        return out
+
+
+def training_gbytes(name, height, width, n_classes=4, dtype=torch.bfloat16):
+    """GB per image that a forward and backward pass of model ``name`` reads and writes, unfused, with weights
+    and activations in ``dtype`` (what autocast runs the convs in), counted on the ``meta`` device."""
+    with torch.device("meta"):
+        model = build_model(name, n_classes).to(dtype)
+        x = torch.rand(2, 3, height, width, dtype=dtype)
+        target = torch.zeros(2, height, width, dtype=torch.long)
+    with ByteCounter() as counter:
+        F.cross_entropy(model(x), target).backward()
+    return (counter.read + counter.written) / 2 / 1e9

@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from model_utils import amp_dtype, inference_model
 from seglib.metrics import SegmentationMetrics
-
+from seglib.progress import progress
 
 TTA_MODES = ("none", "flip", "scales", "flip+scales")
 TTA_SCALES = (1.0, 1.25, 1.5)  # input sizes of the "scales" modes, relative to the model's input size
@@ -88,17 +88,21 @@ def is_exported(model):
 
 @torch.inference_mode()
 def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=False, keep_predictions=False,
-                   compile=False, tta="none"):
+                   compile=False, tta="none", bar=None):
     """Score ``model`` (a PyTorch model, or an OnnxModel) on an evaluation loader at native label resolution
     (``compile``: through a frozen graph, see model_utils.FrozenInference; ``tta``: see ``predict``).
 
     Returns (SegmentationMetrics, predictions): the predictions are uint8 (H, W) class maps in loader order
-    when ``keep_predictions`` is set, else None. The metrics are not reduced across ranks.
+    when ``keep_predictions`` is set, else None. The metrics are not reduced across ranks. ``bar``: the
+    progress bar's title (images scored; drawn only on a terminal), None for none.
     """
     fast = predictor(model, dtype, channels_last, compile)  # BN folded, low-precision weights: a copy
     metrics = SegmentationMetrics(n_classes, device)
     predictions = [] if keep_predictions else None
+    total = len(loader.sampler) if hasattr(loader, "sampler") else None
+    images_bar = progress(total=total, desc=bar, unit="img", enabled=bar is not None, leave=False)
     for images, masks in loader:
+        images_bar.update(len(masks))
         logits = predict(fast, to_input(images, device, channels_last, dtype), tta)  # (B, C, h, w)
         same_size = all(m.shape == masks[0].shape for m in masks)
         preds = upsample_argmax(logits, masks[0].shape) if same_size else None
@@ -107,4 +111,5 @@ def evaluate_model(model, loader, device, n_classes, dtype=None, channels_last=F
             metrics.update(pred, mask.to(device, non_blocking=True))
             if keep_predictions:
                 predictions.append(pred.to("cpu", torch.uint8).numpy())
+    images_bar.close()
     return metrics, predictions

@@ -2,7 +2,6 @@
 geometry by nearest neighbour; images stay uint8 and are scaled on the device)."""
 from torchvision.transforms import v2
 
-
 AUGMENTATIONS = ("full", "flip", "none")  # see train_transform
 CROP_SCALE = (0.4, 1.0)  # share of the image's area a scale-crop keeps
 CROP_ASPECT_SPREAD = 0.85  # the crop's aspect ratio lies within the output's, times or divided by this

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from seglib.errors import UsageError
 
 LOSSES = ("ce", "dice", "lovasz", "ce+dice", "ce+lovasz")
 
@@ -85,3 +86,18 @@ def median_frequency_weights(shares):
     seen = shares > 0
     weights[seen] = np.median(shares[seen]) / shares[seen]
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def resolve_class_weights(choice, train_set, class_names):
+    """The cross-entropy's (C,) class weights for --class-weights ``choice`` (None for "none"), printed."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        weights = median_frequency_weights(pixel_shares(train_set.masks, len(class_names)))
+    elif len(choice) != len(class_names):
+        raise UsageError(f"--class-weights {','.join(map(str, choice))}: needs one weight per class, "
+                         f"{len(class_names)} ({', '.join(class_names)})")
+    else:
+        weights = torch.tensor(choice, dtype=torch.float32)
+    print("class weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weights.tolist())))
+    return weights

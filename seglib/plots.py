@@ -8,7 +8,6 @@ from PIL import Image
 
 from seglib.files import read_image, read_metrics
 
-
 # Background black, as in the book's figures; then one clear colour per drink, then more for datasets with
 # more classes (the figures' legends need one per class).
 PALETTE = ((0, 0, 0), (30, 144, 255), (220, 20, 60), (255, 165, 0), (50, 205, 50), (148, 0, 211), (0, 206, 209),
@@ -95,12 +94,15 @@ def _colour(mask):
     return np.asarray(PALETTE, dtype=np.uint8)[np.minimum(mask, len(PALETTE) - 1)]
 
 
-def save_prediction_grid(ann, predictions, picks, ious, path, title):
-    """Rows of input | ground truth | prediction for the images ``picks``, IoU in each row's title."""
-    plt = pyplot()
+def prediction_grid(ann, predictions, picks, ious, title):
+    """A matplotlib Figure (drawn without pyplot, so any thread may draw it) of rows of input | ground truth |
+    prediction for the images ``picks``, IoU in each row's title. ``predictions[i]`` and ``ious[i]`` are image
+    ``i``'s (a list, or a dict holding the picks)."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(len(picks), 3, figsize=(9, 2.5 * len(picks) + 0.7), squeeze=False)
+    fig = Figure(figsize=(9, 2.5 * len(picks) + 0.7))
+    axes = fig.subplots(len(picks), 3, squeeze=False)
     for row, i in zip(axes, picks):
         panels = (read_image(ann.root / ann.filenames[i]), _colour(ann.mask(i)), _colour(predictions[i]))
         for ax, panel, name in zip(row, panels, ("input", "ground truth", "prediction")):
@@ -113,8 +115,12 @@ def save_prediction_grid(ann, predictions, picks, ious, path, title):
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    save_figure(fig, path, dpi=60)
-    plt.close(fig)
+    return fig
+
+
+def save_prediction_grid(ann, predictions, picks, ious, path, title):
+    """``prediction_grid`` written to ``path`` as a PNG."""
+    save_figure(prediction_grid(ann, predictions, picks, ious, title), path, dpi=60)
 
 
 def row_normalised(confusion):
@@ -166,5 +172,6 @@ def plot_curves(metrics_path, figure_path):
     ax2.set_ylabel("validation mIoU")
     ax2.grid(alpha=0.3)
     ax2.legend(loc="lower right")
-    fig.tight_layout()
+    # fixed margins: tight_layout would measure every tick label again at each epoch's redraw
+    fig.subplots_adjust(left=0.085, right=0.985, bottom=0.14, top=0.96, wspace=0.24)
     save_figure(fig, figure_path)

@@ -1,11 +1,10 @@
 """Where one training step's time goes: torch.profiler over a few steps, each kernel (on a GPU) or leaf operator
-(on the CPU, each operator's own time, without its children's) put into a category (convolution forward, data gradient, weight gradient, BatchNorm, pointwise,
-optimizer, copies, ...) and a layer group (stem, each stage, pyramid, head, loss), plus the device's idle time
-between kernels."""
+(on the CPU, each operator's own time, without its children's) put into a category (convolution forward, data
+gradient, weight gradient, BatchNorm, pointwise, optimizer, copies, ...) and a layer group (stem, each stage,
+pyramid, head, loss), plus the device's idle time between kernels."""
 import time
 from collections import defaultdict
 
-import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 

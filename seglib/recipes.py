@@ -2,7 +2,6 @@
 structured flags."""
 import argparse
 
-
 # Named recipes: `--recipe NAME` makes these the defaults of their flags; flags given explicitly still win.
 # cpu: chosen on the validation split to train, validate and test in about half an hour on 2 CPU cores
 # (README.md); its first half of the epochs at 64x88 pays for two more epochs than the 10 of the recipe before

@@ -13,9 +13,9 @@ the same single pixel-wise cross-entropy as the book's FCN.
 
     python -c "import registry; print(list(registry.MODELS))"
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 from urllib.error import URLError
 
 import torch
@@ -92,9 +92,9 @@ class ModelSpec:
     build: Callable[..., nn.Module]  # build(n_classes, **options)
     about: str
     options: dict = field(default_factory=dict)
-    imagenet: Optional[object] = None  # torchvision weights enum of the backbone's ImageNet classifier
+    imagenet: object | None = None  # torchvision weights enum of the backbone's ImageNet classifier
     backbone_prefix: str = ""  # prefix of the backbone's keys in that classifier's state_dict
-    slug: Optional[Callable[[dict], str]] = None  # the model part of a default run name, from the options
+    slug: Callable[[dict], str] | None = None  # the model part of a default run name, from the options
 
 
 def run_name(name, options):
@@ -215,11 +215,12 @@ def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
     except KeyError as e:
         raise CheckpointError(f"{path}: checkpoint config names no model and lacks {e}") from None
     try:
-        model = build_model(name, cfg["n_classes"], **options)
+        with torch.device("meta"):  # no initialisation to throw away (half a second for the FCN's kernels)
+            model = build_model(name, cfg["n_classes"], **options)
     except ModelError as e:
         raise CheckpointError(f"{path}: {e}") from None
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, assign=True)  # the saved tensors become the model's (strict: all of them)
     except (RuntimeError, ValueError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the model in its config ({first_line})") from None

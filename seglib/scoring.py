@@ -5,11 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_generator import build_loader, make_dataset
 from model_utils import get_device, load_checkpoint
 from seglib.errors import DataError
 from seglib.files import write_json
 from seglib.inference import evaluate_model, input_dtype, tta_cost, tta_views
+from seglib.annotations import split_of
+from seglib.loaders import build_loader, make_dataset
 from seglib.metrics import format_metrics_table
 from seglib.plots import save_confusion_figure, save_mask_png, save_prediction_grid
 from seglib.registry import has_ema, model_from_checkpoint
@@ -37,15 +38,15 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
                         n_worst=5, seed=0, limit=None, quiet=False, compile=False, tta="none", ema=True):
     """Evaluate a checkpoint on a split; write the JSON, prediction PNGs and figures asked for.
 
-    "train" and "val" are rebuilt with the validation fraction and seed the checkpoint was trained with.
+    "train" and "val" are rebuilt with the validation fraction and split seed the checkpoint was trained with.
     ``ema`` False scores the trained weights instead of the EMA a checkpoint carries. Returns the metrics dict.
     """
     device = get_device(device)
     model, ckpt = load_model(weights, device, ema)
     cfg, train_args = ckpt["config"], ckpt.get("args", {})
+    val_fraction, split_seed = split_of(train_args)
     dataset, class_names = make_dataset(data_path, split, cfg["height"], cfg["width"], augment="none",
-                                        val_fraction=train_args.get("val_fraction", 0.1),
-                                        seed=train_args.get("seed", 0), limit=limit, workers=workers)
+                                        val_fraction=val_fraction, seed=split_seed, limit=limit, workers=workers)
     if list(class_names) != list(cfg["class_names"]):
         raise DataError(f"{data_path}: classes {class_names} differ from the checkpoint's {cfg['class_names']}")
     loader = build_loader(dataset, batch_size, train=False, workers=workers)
@@ -53,7 +54,8 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
     t0 = time.perf_counter()
     metrics_acc, predictions = evaluate_model(model, loader, device, cfg["n_classes"],
                                               input_dtype(model, device, amp), channels_last,
-                                              keep_predictions=keep, compile=compile, tta=tta)
+                                              keep_predictions=keep, compile=compile, tta=tta,
+                                              bar=None if quiet else f"scoring {split}")
     seconds = time.perf_counter() - t0
     metrics = {"split": split, "weights": str(weights), "tta": tta, "ema": ema and has_ema(ckpt),
                **metrics_acc.compute(class_names)}

@@ -8,7 +8,6 @@ import numpy as np
 from seglib.errors import DataError
 from seglib.files import read_image
 
-
 DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")
 
 

@@ -1,6 +1,8 @@
 """benchmark.py runs and reports every field (its numbers are measurements, not asserted targets)."""
 import copy
+import types
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,6 +28,12 @@ def test_benchmark_reports_every_field(drinks, capsys, monkeypatch):
                 "fp32_infer_img_s", "infer_eager_img_s", "onnx_infer_img_s", "gflops_per_img", "mfu", "data_img_s",
                 "peak_mem_mb"):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
+    # the derived fields are the measured rates put together as their names say
+    # (to the 4 decimals the JSON keeps)
+    assert r["train_speedup"] == pytest.approx(r["train_img_s"] / r["baseline_train_img_s"], rel=1e-3, abs=1e-4)
+    assert r["train_gflop_s"] == pytest.approx(r["train_img_s"] * r["train_gflops_per_img"], rel=1e-3, abs=1e-4)
+    assert r["mfu"] == pytest.approx(r["train_gflop_s"] / r["peak_bf16_gflops"], rel=1e-3, abs=1e-4)
+    assert r["infer_gflop_s"] == pytest.approx(r["infer_img_s"] * r["gflops_per_img"], rel=1e-3, abs=1e-4)
     # forward + backward costs about three forward passes
     assert compiled == [False, True]  # infer_img_s is timed through evaluate.py --compile's frozen graph
     assert 2.5 < r["train_gflops_per_img"] / r["gflops_per_img"] < 3.5
@@ -35,13 +43,26 @@ def test_benchmark_reports_every_field(drinks, capsys, monkeypatch):
 def test_benchmark_of_a_torchvision_model(drinks):
     args = benchmark.get_args_parser().parse_args([
         "--model", "lraspp_mobilenet_v3_large", "--height", "64", "--width", "64", "--batch-size", "2", "--steps", "1",
-        "--warmup", "1", "--device", "cpu", "--no-infer-compile", "--data-path", str(drinks), "--workers", "0",
-        "--data-images", "4", "--json"])
+        "--warmup", "1", "--device", "cpu", "--no-infer-compile", "--no-onnx", "--data-path", str(drinks),
+        "--workers", "0", "--data-images", "4", "--json"])
     r = benchmark.main(args)
     assert r["model"] == "lraspp_mobilenet_v3_large"
-    assert r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["onnx_infer_img_s"] > 0
+    assert r["infer_speedup"] == pytest.approx(r["infer_img_s"] / r["baseline_infer_img_s"], rel=1e-3, abs=1e-4)
     # its depthwise convs' weight gradients are counted once, not once per channel
     assert 2.5 < r["train_gflops_per_img"] / r["gflops_per_img"] < 3.5
+
+
+def test_timed_is_the_seconds_a_call_after_the_warmup(monkeypatch):
+    """On a clock that each call moves on by a quarter of a second (the warm-up calls by 5 s), 0.25 s a call."""
+    clock, calls = [100.0], []
+
+    def step():
+        calls.append(1)
+        clock[0] += 5.0 if len(calls) <= 2 else 0.25
+
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert benchmark.timed(step, steps=4, warmup=2, device=torch.device("cpu")) == pytest.approx(0.25)
+    assert len(calls) == 6
 
 
 def test_plain_port_is_the_same_network_with_stock_layers():

@@ -22,8 +22,8 @@ from model_utils import amp_dtype, inference_model, load_checkpoint, make_grad_s
 from resnet import L2_WEIGHT
 from seglib import engine
 from seglib.engine import build_optimizer, train_step
-from seglib.losses import build_criterion
 from seglib.inference import evaluate_model, to_input
+from seglib.losses import build_criterion
 from seglib.registry import model_from_checkpoint
 from seglib.schedules import BASE_LR
 

@@ -57,7 +57,7 @@ def test_kill_9_at_any_moment_resumes_bit_exactly(tmp_path, drinks):
     """A run killed with SIGKILL (during an epoch or while its checkpoint is being written) and resumed ends with
     the weights of a run never interrupted."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    levers = ["--data-on-device", "--save-in-background", "--epochs", 3]
+    levers = ["--data-on-device", "--save-in-background", "--epochs", 2]
     _run(full, drinks, *levers)
     metrics = killed / "weights" / "run" / "metrics.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -73,7 +73,7 @@ def test_kill_9_at_any_moment_resumes_bit_exactly(tmp_path, drinks):
     _run(killed, drinks, *levers, "--resume")
     assert _same_weights(full / "weights" / "run" / "last.pt", killed / "weights" / "run" / "last.pt")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3]  # nothing duplicated by the restart
+    assert [r["epoch"] for r in rows] == [1, 2]  # nothing duplicated by the restart
 
 
 def test_save_every_writes_last_pt_every_n_epochs_and_at_the_end(tmp_path, drinks, monkeypatch):
@@ -134,9 +134,10 @@ def test_compiled_step_matches_the_eager_step(tmp_path):
 
 def test_compiled_run_compiles_once_per_progressive_size(tmp_path, drinks, capsys):
     counters.clear()
-    _run(tmp_path, drinks, "--compile", "--compile-backend", "aot_eager", "--progressive", "32x40:0.5",
-         "--epochs", 4)
-    assert counters["stats"]["unique_graphs"] == 2  # 32x40 for epochs 1-2, 40x48 for 3-4; none across epochs
+    # the eager backend: dynamo captures and guards the graphs as inductor would have them, without the compile
+    _run(tmp_path, drinks, "--compile", "--compile-backend", "eager", "--progressive", "32x40:0.3",
+         "--epochs", 3)
+    assert counters["stats"]["unique_graphs"] == 2  # 32x40 for epoch 1, 40x48 for 2-3; none across epochs
     out = capsys.readouterr().out
     assert out.count("compiled the training step at 32x40 in") == 1
     assert out.count("compiled the training step at 40x48 in") == 1

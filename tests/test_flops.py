@@ -24,3 +24,23 @@ def test_flops_are_counted_on_the_meta_device_at_any_size():
     assert small == pytest.approx((13.38, 40.13), abs=0.01)
     large = flops.model_gflops("fcn_resnet56v2", 4800, 6400)
     assert large == pytest.approx((2500 * small[0], 2500 * small[1]), rel=1e-3)
+
+
+def test_byte_counter_counts_what_each_operator_reads_and_writes():
+    """A conv reads its input, weight and bias and writes its output; a view moves nothing; an in-place add reads
+    two tensors and writes one. Worked out by hand in bf16 (2 bytes a value)."""
+    with torch.device("meta"):
+        x = torch.rand(2, 3, 8, 8, dtype=torch.bfloat16)
+        w, b = torch.rand(4, 3, 3, 3, dtype=torch.bfloat16), torch.rand(4, dtype=torch.bfloat16)
+    with flops.ByteCounter() as counter:
+        y = torch.nn.functional.conv2d(x, w, b, padding=1)  # (2, 4, 8, 8)
+    assert (counter.read, counter.written) == (2 * (384 + 108 + 4), 2 * 512)
+    with flops.ByteCounter() as counter:
+        y.view(-1)
+        y.add_(y)
+    assert (counter.read, counter.written) == (2 * 2 * 512, 2 * 512)
+
+
+def test_training_traffic_grows_with_the_pixels():
+    small, large = flops.training_gbytes("fcn_resnet56v2", 96, 128), flops.training_gbytes("fcn_resnet56v2", 192, 256)
+    assert 3.5 < large / small < 4.1  # activations scale with the pixels; the weights' share does not

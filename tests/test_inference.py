@@ -2,6 +2,7 @@
 image at 1.25 and 1.5 times its size), at the input's size, in evaluate.py and in train.py's validation and test
 scoring, and evaluate.py prints its cost."""
 import json
+import types
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import evaluate
 import train
 from fcn import build_fcn
 from model_utils import inference_model
-from seglib import inference
+from seglib import inference, scoring
 
 
 @torch.inference_mode()
@@ -71,9 +72,11 @@ def test_train_validates_and_tests_with_the_tta_asked(tmp_path, drinks, monkeypa
     assert json.loads((run / "config.json").read_text())["tta"] == "flip+scales"
 
     seen.clear()
+    clock = iter([10.0, 13.0])  # the scoring loop takes 3 s on this clock: 500 ms for each of 6 images
+    monkeypatch.setattr(scoring, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     metrics = evaluate.main(evaluate.get_args_parser().parse_args([
         "--weights", str(run / "best.pt"), "--data-path", str(drinks), "--figures", "0", "--workers", "0",
         "--tta", "flip", "--limit", "6"]))
     assert metrics["tta"] == "flip" and metrics["n_images"] == 6 and set(seen) == {"flip"}
-    assert metrics["ms_per_image"] > 0
+    assert metrics["ms_per_image"] == 500.0
     assert "tta flip: 2 views, 2.00 forward passes at 32x48 per image" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD_LIBRARIES = {"resnet", "fcn", "data_generator", "model_utils"}  # the card's files that scripts import
+HUB = "hubconf"  # torch.hub's entry file: it must sit at the top and run nothing
 
 
 def _modules():
@@ -56,7 +57,7 @@ def test_library_modules_import_no_script(graph):
     libraries = set(modules) - scripts
     bad = [f"{m} imports {d}" for m in sorted(libraries) for d in sorted(edges[m]) if d in scripts]
     assert not bad, bad
-    assert not {m for m in modules if "." not in m} - scripts - CARD_LIBRARIES - {"seglib"}, \
+    assert not {m for m in modules if "." not in m} - scripts - CARD_LIBRARIES - {"seglib", HUB}, \
         "a top-level module is neither a file of the card nor a script"
 
 
@@ -85,6 +86,23 @@ def test_modules_are_small_and_say_their_job(graph):
         assert ast.get_docstring(ast.parse(text)), f"{name} has no module docstring"
 
 
+BOTTOM = {"resnet", "fcn", "model_utils"}  # the model files and the run helpers, beneath the package
+
+
+def _floor(module):
+    """2: the scripts on top (data_generator among them); 1: the package; 0: the files it stands on."""
+    return 0 if module in BOTTOM else 1 if module.startswith("seglib") else 2
+
+
+def test_house_reads_top_down(graph):
+    """No arrow back up: the package never imports a script, and the bottom files import nothing above them."""
+    edges, _ = graph
+    up = [f"{m} imports {d}" for m in sorted(edges) for d in sorted(edges[m]) if _floor(d) > _floor(m)]
+    assert not up, up
+    assert edges["model_utils"] == set()
+    assert {d for m in edges if m.startswith("seglib") for d in edges[m]} & {"data_generator", "train"} == set()
+
+
 def test_model_files_import_only_torch(graph):
     edges, modules = graph
     assert edges["resnet"] == set() and edges["fcn"] == {"resnet"}
@@ -98,7 +116,7 @@ def test_model_files_import_only_torch(graph):
 def test_importing_a_script_runs_nothing():
     code = ("import io, contextlib, sys; out = io.StringIO()\n"
             "with contextlib.redirect_stdout(out):\n"
-            "    import train, evaluate, export, benchmark, curves, data_generator, summary\n"
+            "    import train, evaluate, export, benchmark, curves, data_generator, summary, hubconf\n"
             "assert out.getvalue() == '', out.getvalue()\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

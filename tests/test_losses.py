@@ -48,6 +48,46 @@ def test_lovasz_on_hard_predictions_is_one_minus_the_per_image_iou():
     assert lovasz_softmax(logits, target).item() == pytest.approx(torch.stack(per_image).mean().item(), abs=1e-5)
 
 
+def _lovasz_reference(probs, labels):
+    """Berman et al.'s lovasz_softmax(probas, labels, classes="present", per_image=True), written out one image
+    and one class at a time as their reference code does: errors |fg - p| sorted in decreasing order, dotted
+    with the gradient of the Lovász extension of the Jaccard loss at that order."""
+    losses = []
+    for prob, label in zip(probs, labels):  # (C, H, W), (H, W)
+        prob, label = prob.reshape(prob.shape[0], -1).t(), label.reshape(-1)  # (P, C), (P,)
+        per_class = []
+        for c in range(prob.shape[1]):
+            fg = (label == c).to(prob.dtype)
+            if fg.sum() == 0:  # classes="present": only the classes of the labels
+                continue
+            errors, perm = torch.sort((fg - prob[:, c]).abs(), descending=True)
+            fg_sorted = fg[perm]
+            gts = fg_sorted.sum()
+            jaccard = 1.0 - (gts - fg_sorted.cumsum(0)) / (gts + (1 - fg_sorted).cumsum(0))
+            grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+            per_class.append(torch.dot(errors, grad))
+        losses.append(torch.stack(per_class).mean())
+    return torch.stack(losses).mean()
+
+
+def test_lovasz_matches_the_reference_on_soft_predictions_over_several_images():
+    """Value and gradient on soft (softmax) predictions of 4 images, one of them all background and one without
+    class 2, against the one-image-one-class re-derivation above."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 4, 9, 11, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 4, (4, 9, 11), generator=gen)
+    target[1] = 0
+    target[2][target[2] == 2] = 3
+    ours = logits.clone().float().requires_grad_()
+    theirs = logits.clone().requires_grad_()
+    value, reference = lovasz_softmax(ours, target), _lovasz_reference(theirs.softmax(1), target)
+    value.backward()
+    reference.backward()
+    assert value.item() == pytest.approx(reference.item(), abs=1e-6)
+    assert 0.1 < reference.item() < 1  # soft predictions: neither perfect nor the hard-prediction value
+    torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("case", ["all background", "class absent"])
 def test_gradients_are_finite_where_classes_are_missing(loss, case):

@@ -1,4 +1,5 @@
 """The FCN / ResNet-v2 model: the book's parameter counts, shapes at any size, Keras defaults."""
+import copy
 import subprocess
 import sys
 import textwrap
@@ -63,19 +64,29 @@ def test_bad_config_is_a_value_error(kwargs, words):
         build_fcn(**kwargs)
 
 
-def test_bf16_autocast_forward_and_backward():
+def test_bf16_autocast_forward_and_backward_agree_with_float32():
+    """bf16 autocast against float32 on the same weights and batch, at tolerances about 1.5 times what was measured
+    (mean logit difference 3.3% of the logits' spread, 97.8% of argmaxes alike, loss 0.06% apart, gradient
+    cosine 0.93; bf16 keeps 8 bits of mantissa, about 0.4% a rounding, over some 60 layers)."""
     torch.manual_seed(0)
     m = build_fcn(depth=20).train()
     x = torch.rand(2, 3, 64, 80)
     y = torch.randint(0, 4, (2, 64, 80))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = m(x)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-    assert logits.dtype == torch.bfloat16
-    loss.backward()
-    grads = [p.grad for p in m.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert torch.isfinite(loss)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m.zero_grad()
+        model = copy.deepcopy(m)  # the same BatchNorm statistics before each run
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        runs[dtype] = logits.detach(), loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    (ref, ref_loss, ref_grad), (low, low_loss, low_grad) = runs[torch.float32], runs[torch.bfloat16]
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().mean() < 0.05 * ref.std()
+    assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.95
+    assert low_loss == pytest.approx(ref_loss, rel=0.005)
+    assert torch.nn.functional.cosine_similarity(low_grad, ref_grad, dim=0) > 0.85
 
 
 def test_eval_is_deterministic_and_train_updates_bn_with_keras_momentum():

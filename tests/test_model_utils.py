@@ -103,14 +103,20 @@ def test_an_fp16_run_resumes_a_scaler_state_saved_disabled():
     assert scaler.get_scale() == 1024.0
 
 
-def test_rng_state_restores_from_a_checkpoint_of_several_gpus():
-    """An older last.pt holds one CUDA state per GPU it saw; the CPU states restore and the list is accepted."""
+def test_rng_state_restores_from_a_checkpoint_of_several_gpus(monkeypatch):
+    """An older last.pt holds one CUDA state per GPU it saw: the CPU states restore, and this process's GPU gets
+    the first of the four (distinct) states. The CUDA calls are recorded, so the list path runs on a CPU too."""
     state = mu.rng_state()
     a = torch.rand(3)
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 4 if not torch.cuda.is_available() else \
-        [torch.cuda.get_rng_state()] * 4
-    mu.set_rng_state(state)
+    per_gpu = [torch.full((16,), gpu, dtype=torch.uint8) for gpu in range(4)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    mu.set_rng_state({**state, "cuda": per_gpu})
     assert torch.equal(torch.rand(3), a)
+    assert len(restored) == 1 and torch.equal(restored[0], per_gpu[0])
+    mu.set_rng_state({**state, "cuda": per_gpu[2]})  # a per-process checkpoint: its one state
+    assert torch.equal(restored[1], per_gpu[2])
 
 
 def test_workers_are_shared_among_the_processes_of_a_machine(monkeypatch):

@@ -9,8 +9,8 @@ from PIL import Image, ImageDraw
 
 import data_generator as dg
 import evaluate
-from seglib import plots
 import train
+from seglib import plots
 
 CLASSES = {"1": "cat", "2": "dog"}
 SIZES = [(80, 60), (64, 48), (96, 72), (72, 96)]  # (width, height): landscape and portrait

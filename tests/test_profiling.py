@@ -53,10 +53,11 @@ def test_epoch_figures_come_from_the_metrics_timestamps():
 def test_benchmark_epoch_runs_train_py_and_reports_the_epoch_rate(drinks, tmp_path):
     args = benchmark.get_args_parser().parse_args([
         "--data-only", "--device", "cpu", "--height", "32", "--width", "40", "--data-path", str(drinks),
-        "--workers", "0", "--data-images", "4", "--epoch", "--epoch-limit", "12", "--json",
+        "--workers", "0", "--data-images", "4", "--epoch", "--epoch-count", "2", "--epoch-limit", "12", "--json",
         "--epoch-flags", "--val-fraction 0.01 --workers 0 --batch-size 4 --save-every 2"])
     r = benchmark.main(args)
-    assert r["epochs_timed"] == 3 and r["epoch_train_images"] == 12
+    assert r["epochs_timed"] == 2 and r["epoch_train_images"] == 12
     assert r["epoch_img_s"] == pytest.approx(12 / r["epoch_s"], rel=1e-3)
-    assert len(r["epoch_s_each"]) == 2 and all(s > 0 for s in r["epoch_s_each"])
+    assert len(r["epoch_s_each"]) == 1 and r["epoch_s"] == pytest.approx(r["epoch_s_each"][0], rel=1e-3)
+    assert r["book_run_min"] == pytest.approx((r["first_epoch_s"] + 99 * r["epoch_s"]) / 60, rel=1e-3)
     assert "--save-every 2" in r["command"] and r["compile_lines"] == []  # nothing compiled without --compile

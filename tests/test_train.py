@@ -17,7 +17,7 @@ import evaluate
 import train
 from model_utils import load_checkpoint
 from seglib import engine, inference, scoring
-from seglib.errors import TrainingError
+from seglib.errors import TrainingError, UsageError
 
 ROOT = dg.Path(dg.__file__).parent
 
@@ -34,15 +34,13 @@ def test_tiny_run_resume_and_evaluate(tmp_path, drinks, monkeypatch):
     run = tmp_path / "weights" / "run"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     train.main(_args(tmp_path, drinks, "--height", 60, "--width", 80, "--limit", 32, "--epochs", 2, "--resume",
-                     "--val-fraction", 0.01))
+                     "--val-fraction", 0.01, "--no-test"))  # the run's own test scoring: test_inference.py
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"train_loss", "lr", "seconds", "val"} <= set(lines[0]) and lines[1]["val"]["n_images"] == 10
     assert (tmp_path / "figures" / "run" / "curves.png").is_file()
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 2 and config["resume"] is True
-    test_metrics = json.loads((run / "test_metrics.json").read_text())
-    assert test_metrics["n_images"] == 51
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["config"]["height"] == 60
     # best.pt is the best validation epoch, and the resumed run kept the first run's score in the running best
@@ -50,6 +48,9 @@ def test_tiny_run_resume_and_evaluate(tmp_path, drinks, monkeypatch):
     best = load_checkpoint(run / "best.pt")
     assert best["epoch"] == 1 + scores.index(max(scores))
     assert best["best_miou"] == ckpt["best_miou"] == max(scores)
+    # best.pt is for scoring: no optimizer, scaler, RNG or loss state, a third of last.pt
+    assert not {"optimizer", "scaler", "rng", "loss_state"} & set(best) and {"model", "config", "args"} <= set(best)
+    assert (run / "best.pt").stat().st_size < (run / "last.pt").stat().st_size / 2.5
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-3, 1e-3]
 
     preds, figs = tmp_path / "preds", tmp_path / "evalfigs"
@@ -79,6 +80,16 @@ def test_tiny_run_resume_and_evaluate(tmp_path, drinks, monkeypatch):
     tp, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
     assert reported["miou"] == pytest.approx((tp[union > 0] / union[union > 0]).mean(), abs=1e-9)
     assert reported["miou_per_image"] == pytest.approx(np.mean(per_image), abs=1e-9)
+    # and the dataset-wide mIoU and per-class IoU against torchmetrics' Jaccard index on the same PNGs
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    jaccard = MulticlassJaccardIndex(num_classes=4, average="none")
+    for i, name in enumerate(ann.filenames):
+        pred = np.asarray(Image.open(preds / (dg.Path(name).stem + ".png")))
+        jaccard.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(ann.mask(i).astype(np.int64)))
+    per_class = jaccard.compute()  # every class is in the test split's ground truth, so all four count
+    assert [r["iou"] for r in reported["per_class"]] == pytest.approx(per_class.tolist(), abs=1e-6)
+    assert reported["miou"] == pytest.approx(per_class.mean().item(), abs=1e-6)
     assert reported["pixel_accuracy"] == pytest.approx(tp.sum() / conf.sum(), abs=1e-12)
     assert reported["n_images"] == 51
 
@@ -113,8 +124,9 @@ def _weights(path):
                          ids=["book", "cosine-warmup-ema"])
 def test_exact_resume_also_after_ctrl_c(tmp_path, drinks, monkeypatch, schedule, ctrl_c_at_step):
     """Resumed runs end with the uninterrupted run's weights, bit for bit. With cosine the rate changes every
-    step, so a resume mid-epoch must set it again exactly, and the EMA must go on from its saved state. (Resuming with another --epochs changes the scaled,
-    cosine and poly schedules by design, so the epoch-boundary resume runs with the book's.)"""
+    step, so a resume mid-epoch must set it again exactly, and the EMA must go on from its saved state. (Resuming
+    with another --epochs changes the scaled, cosine and poly schedules by design, so the epoch-boundary resume
+    runs with the book's.)"""
     # bitwise equality holds on the CPU; on a GPU some backward kernels (interpolate, NLL) are not deterministic
     common = ["--height", 32, "--width", 40, "--limit", 24, "--val-fraction", 0.005, "--deterministic", "--no-test",
               "--batch-size", 4, "--device", "cpu", *schedule]
@@ -260,17 +272,22 @@ def test_cpu_start_message_gives_readmes_cpu_command():
     assert f"\n{train.CPU_COMMAND}\n" in readme
 
 
-def test_training_needs_neither_onnx_nor_onnxruntime(tmp_path, drinks, monkeypatch):
-    """Only reading or writing a .onnx file needs them: with both hidden, the scripts import and a run trains."""
-    hide = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import train, evaluate; " \
-           "print(train.get_args_parser().format_help())"
+def test_training_needs_neither_onnx_nor_onnxruntime_nor_tensorboard(tmp_path, drinks, monkeypatch):
+    """Only reading or writing a .onnx file needs onnx and onnxruntime, and only --tensorboard needs tensorboard:
+    with the three hidden, the scripts import and a run trains; --tensorboard is then a one-line error."""
+    hide = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = sys.modules['tensorboard'] = None; " \
+           "import train, evaluate; print(train.get_args_parser().format_help())"
     out = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--recipe" in out.stdout, out.stderr[-2000:]
-    for name in ("onnx", "onnxruntime", "seglib.onnx_model"):  # importing any of them now fails
+    for name in ("onnx", "onnxruntime", "seglib.onnx_model", "tensorboard"):  # importing any of them now fails
         monkeypatch.setitem(sys.modules, name, None)
-    train.main(_args(tmp_path, drinks, "--height", 32, "--width", 40, "--limit", 8, "--epochs", 1, "--device", "cpu",
-                     "--no-test"))
+    flags = ["--height", 32, "--width", 40, "--limit", 8, "--epochs", 1, "--device", "cpu", "--no-test"]
+    train.main(_args(tmp_path, drinks, *flags))
     assert len((tmp_path / "weights" / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "weights" / "run" / "tb").exists()
+    with pytest.raises(UsageError, match=r"^--tensorboard: the tensorboard package is not installed \(pip install"):
+        train.main(_args(tmp_path / "again", drinks, *flags, "--tensorboard"))
+    assert not (tmp_path / "again").exists()
 
 
 def test_training_levers_reach_the_run(tmp_path, drinks, monkeypatch, capsys):
@@ -296,9 +313,8 @@ def test_training_levers_reach_the_run(tmp_path, drinks, monkeypatch, capsys):
                      "--class-weights", "1,2,3,4", "--zero-init-residual"))
     rows = [json.loads(line) for line in (tmp_path / "weights" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["size"] for r in rows] == [[32, 40], [40, 48], [48, 64]]
-    # the start's time estimate times 3 steps at each size, then the run takes 2 steps an epoch
-    assert [s[0] for s in shapes[:9]] == [(32, 40)] * 3 + [(40, 48)] * 3 + [(48, 64)] * 3
-    assert [s[0] for s in shapes[9:]] == [(32, 40)] * 2 + [(40, 48)] * 2 + [(48, 64)] * 2
+    # 2 steps an epoch (a --limit smoke run times no steps for a start-up estimate)
+    assert [s[0] for s in shapes] == [(32, 40)] * 2 + [(40, 48)] * 2 + [(48, 64)] * 2
     assert all(s[1] == s[0] and s[2:] == ("ce+lovasz", [1.0, 2.0, 3.0, 4.0]) for s in shapes)
     assert zeroed == [3]  # depth 11: 3 stages of one unit
     assert "class weights: background 1.000, Water 2.000, Soda 3.000, Juice 4.000" in capsys.readouterr().out
