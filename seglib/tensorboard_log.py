@@ -68,7 +68,7 @@ class TensorBoardLog:
 @torch.inference_mode()
 def validation_predictions(model, val_set, device, dtype, channels_last, n=GRID_IMAGES):
     """{index: native-size uint8 class map} of the first ``n`` validation images, and their IoUs, for the grid:
-    a forward pass of ``n`` images and one copy to the host, whatever the split's size."""
+    one forward pass of ``n`` images and ``n`` small copies to the host, whatever the split's size."""
     picks = list(range(min(n, len(val_set))))
     images = torch.stack([val_set[i][0] for i in picks])  # (n, 3, H, W) uint8 at the model's size
     was_training = model.training
