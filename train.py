@@ -6,7 +6,7 @@ training annotations; the best epoch is scored on the test split at the end.
 
     python train.py                                   # the book's recipe, on a GPU
     python train.py --resume                          # continue weights/<run>/last.pt
-    python train.py --recipe cpu                      # the CPU recipe: under 30 minutes on 2 cores
+    python train.py --recipe cpu                      # the CPU recipe: 26 minutes on 2 Zen 4 cores
     python train.py --recipe cpu --model lraspp_mobilenet_v3_large --epochs 40    # another model (seglib/registry.py)
     torchrun --nproc_per_node=4 train.py --sync-bn    # several GPUs
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 
-from data_generator import default_data_path, make_dataset
+from data_generator import default_data_path, load_annotations, make_dataset
 from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed, keep_freed_memory,
                          load_checkpoint, make_grad_scaler, restore_grad_scaler, save_checkpoint, seed_everything,
                          set_rng_state)
@@ -149,15 +149,16 @@ def get_args_parser():
                    help="class weights of the cross-entropy: none (the book), auto (median frequency balancing: "
                         "w_c = median(f) / f_c, where f_c is the share of the training split's pixels in class c) "
                         "or one number per class, comma-separated")
-    p.add_argument("--progressive", type=progressive_step, nargs="+", default=[], metavar="HxW:UNTIL",
+    p.add_argument("--progressive", type=progressive_step, nargs="*", default=[], metavar="HxW:UNTIL",
                    help="progressive resizing: train at HxW until that fraction of the epochs, then at the next "
-                        "step's size, and at --height x --width after the last step (e.g. 64x96:0.5); default: "
-                        "--height x --width throughout")
+                        "step's size, and at --height x --width after the last step (e.g. 64x96:0.5); default, "
+                        "or the flag with no step (to switch a recipe's off): --height x --width throughout")
     p.add_argument("--flips", choices=("random", "alternate"), default="random",
                    help="horizontal flips of --augment flip and full: random (each image, each epoch), or "
                         "alternate (each image mirrored every other epoch, from a seeded first toss)")
-    p.add_argument("--zero-init-residual", action="store_true",
-                   help="start each bottleneck unit as the identity (its last conv kernel zero); off: the book's init")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="start each bottleneck unit as the identity (its last conv kernel zero); off (the default, "
+                        "or --no-zero-init-residual to switch a recipe's off): the book's init")
     p.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-split evaluation")
     return p
 
@@ -196,18 +197,19 @@ def _background(args, device):
 
 def main(args):
     """Train, validate every epoch, keep last.pt and best.pt, and score best.pt on the test split."""
+    started = time.perf_counter()  # the CPU estimate counts the start-up in the run's time
     check_args(args)
     keep_freed_memory()
     args = resolve_args(args)
     info, device = init_distributed(args.device)
     try:
-        return _train(args, info, device)
+        return _train(args, info, device, started)
     finally:
         if info.distributed:
             dist.destroy_process_group()
 
 
-def _train(args, info, device):
+def _train(args, info, device, started):
     seed_everything(args.seed, args.deterministic)
     run_dir, fig_dir = Path(args.output_dir) / args.run_name, Path(args.figures_dir) / args.run_name
     last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
@@ -289,12 +291,14 @@ def _train(args, info, device):
             print(f"loaded the compile cache {args.compile_cache}")
         loss_fn = LossFunction(train_model, criterion, dtype, args.compile_backend, args.compile_mode)
     if device.type == "cpu" and info.is_main and start_epoch < args.epochs and args.limit is None:
+        n_test = len(load_annotations(data_path, "test")) if args.test else 0
         minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set),
-                                       Criterion(args.loss, weights, args.loss_weight))
+                                       Criterion(args.loss, weights, args.loss_weight), n_test,
+                                       time.perf_counter() - started, len(class_names))
         sizes = " then ".join([f"{h}x{w}" for h, w, _ in args.progressive] + [f"{args.height}x{args.width}"])
-        print(f"no GPU: training on the CPU. Estimated time for {args.epochs} epochs of {len(train_set)} images "
-              f"at {sizes}: {minutes:.0f} min. The CPU recipe (about half an hour on 2 cores, "
-              f"README.md): {CPU_COMMAND}")
+        print(f"no GPU: training on the CPU. Estimated time of the whole run ({args.epochs} epochs of "
+              f"{len(train_set)} images at {sizes}, validation{', the test split' if n_test else ''}): "
+              f"{minutes:.0f} min. The CPU recipe (README.md gives its time by CPU): {CPU_COMMAND}")
 
     steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it
     if args.tensorboard and info.is_main:

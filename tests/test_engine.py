@@ -24,16 +24,37 @@ def test_the_books_optimizer():
 
 
 @pytest.mark.parametrize("tta, val_passes", [("none", 1), ("flip", 2), ("flip+scales", 2 * (1 + 1.25 ** 2 + 1.5 ** 2))])
-def test_cpu_estimate_adds_up_training_and_validation(monkeypatch, tta, val_passes):
+def test_cpu_estimate_adds_up_start_up_training_validation_and_test(monkeypatch, tta, val_passes):
     """Each timed step takes 2 s of a fake clock: 0.5 s an image at batch 4. An epoch is 100 training images and
     10 validation images, each of those costing half a training image (a forward pass and native-size scoring),
-    twice with flip TTA."""
+    twice with flip TTA; the 20 test images cost as much each, and 30 s of start-up have passed."""
     clock = iter(range(0, 1000, 2))
     monkeypatch.setattr(engine.time, "perf_counter", lambda: float(next(clock)))
     args = argparse.Namespace(lr=1e-3, l2=1e-4, batch_size=4, height=32, width=40, channels_last=False, ema=0.0,
                               tta=tta, epochs=3)
-    minutes = engine.estimate_cpu_minutes(build_fcn(depth=11, n_layers=1), args, None, n_train=100, n_val=10)
-    assert minutes == pytest.approx(0.5 * (100 + 10 / 2 * val_passes) * 3 / 60)
+    minutes = engine.estimate_cpu_minutes(build_fcn(depth=11, n_layers=1), args, None, n_train=100, n_val=10,
+                                          n_test=20, elapsed=30.0)
+    assert minutes == pytest.approx((30 + 0.5 * (100 + 10 / 2 * val_passes) * 3 + 0.5 * 20 / 2 * val_passes) / 60)
+
+
+def test_cpu_estimate_takes_the_median_step_with_every_class_present(monkeypatch):
+    """Two steps are not timed, then the median of three: one slow step among them changes nothing. The steps'
+    targets hold every class, as the Lovasz loss's cost grows with the classes present."""
+    durations = iter([9.0, 9.0, 1.0, 5.0, 1.2])
+    seen, now = [], [0.0]
+
+    def perf_counter():
+        return now[0]
+
+    def timed_step(model, criterion, optimizer, scaler, x, y, dtype):  # moves the fake clock by its duration
+        seen.append(torch.unique(y).tolist())
+        now[0] += next(durations)
+    monkeypatch.setattr(engine.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(engine, "train_step", timed_step)
+    args = argparse.Namespace(lr=1e-3, l2=1e-4, batch_size=4, height=32, width=40, channels_last=False, ema=0.0)
+    seconds = engine._seconds_per_image(build_fcn(depth=11, n_layers=1), args, None, None, 32, 40, n_classes=3)
+    assert seconds == pytest.approx(1.2 / 4)
+    assert seen == [[0, 1, 2]] * 5
 
 
 def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
@@ -41,7 +62,7 @@ def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
     validation at the final size."""
     timed = []
 
-    def seconds_per_image(model, args, dtype, criterion, height, width):
+    def seconds_per_image(model, args, dtype, criterion, height, width, n_classes):
         timed.append((height, width))
         return height * width / 1000
 

@@ -46,6 +46,15 @@ def test_explicit_flags_override_the_recipe(argv):
     assert train.resolve_args(args).run_name == "mine"
 
 
+def test_a_recipes_levers_can_each_be_switched_off():
+    """The ablation's commands: a recipe's progressive sizes and zero-init residuals switched off by flags."""
+    parser = train.get_args_parser()
+    args = parser.parse_args(["--recipe", "cpu", "--progressive", "--no-zero-init-residual", "--flips", "random"])
+    assert (args.progressive, args.zero_init_residual, args.flips) == ([], False, "random")
+    assert (args.loss, args.height, args.epochs) == ("ce+lovasz", 96, 12)  # the rest stays the recipe's
+    assert parser.parse_args(["--recipe", "cpu"]).progressive == [[64, 88, 0.5]]
+
+
 def test_unknown_recipe_is_refused():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--recipe", "gpu"], capture_output=True,
                             text=True, cwd=ROOT)
