@@ -294,10 +294,12 @@ def _train(args, info, device, started):
         n_test = len(load_annotations(data_path, "test")) if args.test else 0
         minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set),
                                        Criterion(args.loss, weights, args.loss_weight), n_test,
-                                       time.perf_counter() - started, len(class_names))
+                                       time.perf_counter() - started, len(class_names), start_epoch)
         sizes = " then ".join([f"{h}x{w}" for h, w, _ in args.progressive] + [f"{args.height}x{args.width}"])
-        print(f"no GPU: training on the CPU. Estimated time of the whole run ({args.epochs} epochs of "
-              f"{len(train_set)} images at {sizes}, validation{', the test split' if n_test else ''}): "
+        what = (f"rest of the run (the last {args.epochs - start_epoch} of {args.epochs} epochs" if start_epoch
+                else f"whole run ({args.epochs} epochs")
+        print(f"no GPU: training on the CPU. Estimated time of the {what} of {len(train_set)} images at {sizes}, "
+              f"validation{', the test split' if n_test else ''}): "
               f"{minutes:.0f} min. The CPU recipe (README.md gives its time by CPU): {CPU_COMMAND}")
 
     steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it

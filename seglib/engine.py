@@ -153,12 +153,14 @@ def _seconds_per_image(model, args, dtype, criterion, height, width, n_classes=4
 
 
 def estimate_cpu_minutes(model, args, dtype, n_train, n_val, criterion=F.cross_entropy, n_test=0, elapsed=0.0,
-                         n_classes=4):
-    """Minutes the whole run should take on this CPU: ``elapsed`` seconds already spent starting up, then the
-    epochs, from timed training steps of ``criterion`` at each input size the run trains at (see --progressive),
-    with their validations, and the final scoring of ``n_test`` test images."""
+                         n_classes=4, first_epoch=0):
+    """Minutes the rest of the run should take on this CPU: ``elapsed`` seconds already spent starting up, then
+    the epochs from ``first_epoch`` (0-based; a resumed run's) on, from timed training steps of ``criterion`` at
+    each input size they train at (see --progressive), with their validations, and the final scoring of
+    ``n_test`` test images."""
     final = (args.height, args.width)
-    sizes = [epoch_size(getattr(args, "progressive", []), e, args.epochs, final) for e in range(args.epochs)]
+    sizes = [epoch_size(getattr(args, "progressive", []), e, args.epochs, final)
+             for e in range(first_epoch, args.epochs)]
     per_image = {size: _seconds_per_image(model, args, dtype, criterion, *size, n_classes)
                  for size in sorted(set(sizes))}
     # evaluation, at the final size, is a forward pass (about a third of a training step) plus native-size

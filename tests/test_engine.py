@@ -57,9 +57,9 @@ def test_cpu_estimate_takes_the_median_step_with_every_class_present(monkeypatch
     assert seen == [[0, 1, 2]] * 5
 
 
-def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
-    """--progressive 32x40:0.5 over 4 epochs at 64x80: two epochs at each size, each timed at its own size;
-    validation at the final size."""
+def _progressive_run(monkeypatch):
+    """A run of 4 epochs at 64x80 with --progressive 32x40:0.5 whose step takes height * width / 1000 s an image;
+    returns its args and the list of sizes the estimate times."""
     timed = []
 
     def seconds_per_image(model, args, dtype, criterion, height, width, n_classes):
@@ -69,6 +69,22 @@ def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
     monkeypatch.setattr(engine, "_seconds_per_image", seconds_per_image)
     args = argparse.Namespace(lr=1e-3, l2=1e-4, batch_size=4, height=64, width=80, channels_last=False, ema=0.0,
                               tta="none", epochs=4, progressive=[[32, 40, 0.5]])
+    return args, timed
+
+
+def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
+    """--progressive 32x40:0.5 over 4 epochs at 64x80: two epochs at each size, each timed at its own size;
+    validation at the final size."""
+    args, timed = _progressive_run(monkeypatch)
     minutes = engine.estimate_cpu_minutes(None, args, None, n_train=100, n_val=10)
     assert sorted(timed) == [(32, 40), (64, 80)]
     assert minutes == pytest.approx((2 * 1.28 * 100 + 2 * 5.12 * 100 + 4 * 5.12 * 10 / 2) / 60)
+
+
+def test_cpu_estimate_of_a_resumed_run_counts_only_the_epochs_left(monkeypatch):
+    """The same run resumed at its fourth epoch (first_epoch=3): one epoch at 64x80 is left, so the 32x40 size
+    is not timed at all and neither the three epochs done nor their validations are counted."""
+    args, timed = _progressive_run(monkeypatch)
+    minutes = engine.estimate_cpu_minutes(None, args, None, n_train=100, n_val=10, first_epoch=3)
+    assert timed == [(64, 80)]
+    assert minutes == pytest.approx((5.12 * 100 + 5.12 * 10 / 2) / 60)
