@@ -1,4 +1,4 @@
-"""FLOPs of the registered models, counted by torch.utils.flop_counter on a forward and a backward pass
+"""FLOPs of a model or a registered one, counted by torch.utils.flop_counter on a forward and a backward pass
 (benchmark.py's GFLOPs and MFU, and the models figure of curves.py), and the bytes a training step moves when
 every operator reads its inputs and writes its outputs (the unfused figure of RESULTS.md's roofline)."""
 import math
@@ -23,21 +23,32 @@ def conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, 
     return one * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def model_gflops(name, height, width, n_classes=4):
-    """(forward, forward + backward) GFLOPs per image of model ``name``, counted by torch.utils.flop_counter
-    (with ``conv_backward_flop`` for the convs' backward) on the ``meta`` device: shapes only, no arithmetic and
-    no memory, so counting at 480x640 costs what it costs at 96x128."""
-    with torch.device("meta"):
-        model = build_model(name, n_classes)
-        x = torch.rand(2, 3, height, width)  # 2 images: train-mode BatchNorm needs more than one value per channel
-        target = torch.zeros(2, height, width, dtype=torch.long)
+def _cross_entropy_on_class_0(logits):
+    target = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.long, device=logits.device)  # (B, H, W)
+    return F.cross_entropy(logits, target)
+
+
+def step_gflops(model, height, width, loss=None):
+    """(forward, forward + backward) GFLOPs per image of ``model``, built on the ``meta`` device: shapes only, no
+    arithmetic and no memory, so counting at 480x640 costs what it costs at 96x128. torch.utils.flop_counter
+    counts, with ``conv_backward_flop`` for the convs' backward. ``loss`` turns the output into the scalar the
+    backward starts from: cross-entropy against class 0 by default; a part of a model (a backbone alone) can
+    pass ``lambda out: out.sum()``."""
+    loss = loss or _cross_entropy_on_class_0
+    x = torch.rand(2, 3, height, width, device="meta")  # 2 images: train-mode BatchNorm needs more than one value
     with FlopCounterMode(display=False) as fwd:
-        logits = model(x)
+        out = model(x)
     forward = fwd.get_total_flops() / 2
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as bwd:
-        F.cross_entropy(logits, target).backward()
+        loss(out).backward()
     return forward / 1e9, (forward + bwd.get_total_flops() / 2) / 1e9
 
+
+def model_gflops(name, height, width, n_classes=4):
+    """(forward, forward + backward) GFLOPs per image of registered model ``name`` (see ``step_gflops``)."""
+    with torch.device("meta"):
+        model = build_model(name, n_classes)
+    return step_gflops(model, height, width)
 
 
 def _tensor_bytes(values):

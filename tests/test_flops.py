@@ -44,3 +44,19 @@ def test_byte_counter_counts_what_each_operator_reads_and_writes():
 def test_training_traffic_grows_with_the_pixels():
     small, large = flops.training_gbytes("fcn_resnet56v2", 96, 128), flops.training_gbytes("fcn_resnet56v2", 192, 256)
     assert 3.5 < large / small < 4.1  # activations scale with the pixels; the weights' share does not
+
+
+def test_step_flops_of_a_part_of_a_model_with_its_own_loss():
+    """A lone conv on the meta device, summed: forward 2 * 4 * 27 * 64 per 8x8 image, and a backward of the weight
+    gradient alone (the input needs none), as much again. The backbone of the registered model costs less than
+    the model, which model_gflops counts the same way."""
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    forward = 2 * 4 * 27 * 64 / 1e9
+    assert flops.step_gflops(conv, 8, 8, loss=lambda out: out.sum()) == pytest.approx((forward, 2 * forward))
+    with torch.device("meta"):
+        model = flops.build_model("fcn_resnet56v2", 4)
+    whole = flops.step_gflops(model, 96, 128)
+    assert whole == flops.model_gflops("fcn_resnet56v2", 96, 128)
+    backbone = flops.step_gflops(model.backbone, 96, 128, loss=lambda out: out.sum())
+    assert 0 < backbone[1] < whole[1] / 2
