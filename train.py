@@ -38,7 +38,7 @@ from seglib.joint_transforms import AUGMENTATIONS
 from seglib.losses import LOSSES, Criterion, build_criterion, resolve_class_weights
 from seglib.plots import plot_curves
 from seglib.recipes import (CPU_COMMAND, RECIPES, RecipeArgumentParser, class_weights, ema_decay, epoch_size,
-                            progressive_step, recipe_flags)
+                            progressive_step, recipe_flags, sizes_from)
 from seglib.registry import (MODELS, build_model, checkpoint_model, load_backbone_, model_options,
                              read_backbone_weights, run_name)
 from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
@@ -295,7 +295,8 @@ def _train(args, info, device, started):
         minutes = estimate_cpu_minutes(model, args, dtype, len(train_set), len(val_set),
                                        Criterion(args.loss, weights, args.loss_weight), n_test,
                                        time.perf_counter() - started, len(class_names), start_epoch)
-        sizes = " then ".join([f"{h}x{w}" for h, w, _ in args.progressive] + [f"{args.height}x{args.width}"])
+        sizes = " then ".join(f"{h}x{w}" for h, w in sizes_from(args.progressive, start_epoch, args.epochs,
+                                                                (args.height, args.width)))
         what = (f"rest of the run (the last {args.epochs - start_epoch} of {args.epochs} epochs" if start_epoch
                 else f"whole run ({args.epochs} epochs")
         print(f"no GPU: training on the CPU. Estimated time of the {what} of {len(train_set)} images at {sizes}, "

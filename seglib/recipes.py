@@ -93,3 +93,9 @@ def epoch_size(progressive, epoch, epochs, final):
         if epoch < until * epochs:
             return (height, width)
     return tuple(final)
+
+
+def sizes_from(progressive, first_epoch, epochs, final):
+    """The distinct (height, width) of the epochs from 0-based ``first_epoch`` on, in training order: what a run
+    (a resumed one: what is left of it) trains at."""
+    return list(dict.fromkeys(epoch_size(progressive, e, epochs, final) for e in range(first_epoch, epochs)))

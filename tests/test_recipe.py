@@ -86,3 +86,14 @@ def test_progressive_steps_give_each_epoch_its_size():
     assert [epoch_size(steps, e, 8, (96, 128)) for e in range(8)] == \
            [(32, 40)] * 2 + [(48, 64)] * 2 + [(96, 128)] * 4
     assert [epoch_size([], e, 3, (96, 128)) for e in range(3)] == [(96, 128)] * 3
+
+
+def test_sizes_of_a_run_and_of_what_is_left_of_it():
+    """What a run trains at, in order and once each; a run resumed past its progressive steps trains at the final
+    size only, and one resumed inside a step still trains at that step's size first."""
+    from seglib.recipes import progressive_step, sizes_from
+    steps = [progressive_step("32x40:0.25"), progressive_step("48x64:0.5")]
+    assert sizes_from(steps, 0, 8, (96, 128)) == [(32, 40), (48, 64), (96, 128)]
+    assert sizes_from(steps, 3, 8, (96, 128)) == [(48, 64), (96, 128)]
+    assert sizes_from(steps, 4, 8, (96, 128)) == [(96, 128)]
+    assert sizes_from([], 0, 3, (96, 128)) == [(96, 128)]
