@@ -38,7 +38,7 @@ from seglib.joint_transforms import AUGMENTATIONS
 from seglib.losses import LOSSES, Criterion, build_criterion, resolve_class_weights
 from seglib.plots import plot_curves
 from seglib.recipes import (CPU_COMMAND, RECIPES, RecipeArgumentParser, class_weights, ema_decay, epoch_size,
-                            progressive_step, recipe_flags, sizes_from)
+                            progressive_step, recipe_flags, seconds_left, sizes_from)
 from seglib.registry import (MODELS, build_model, checkpoint_model, load_backbone_, model_options,
                              read_backbone_weights, run_name)
 from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
@@ -304,6 +304,7 @@ def _train(args, info, device, started):
               f"{minutes:.0f} min. The CPU recipe (README.md gives its time by CPU): {CPU_COMMAND}")
 
     steps_per_epoch = len(train_loader)  # before any skip of a resumed epoch shortens it
+    measured = {}  # (height, width): seconds of the latest epoch at that size
     if args.tensorboard and info.is_main:
         # from the step after the checkpoint on, whatever an interrupted run logged goes (TensorBoard's purge)
         tb = TensorBoardLog(run_dir / "tb", purge_step=start_epoch * steps_per_epoch + start_step + 1)
@@ -362,8 +363,11 @@ def _train(args, info, device, started):
                 writer.submit(*jobs)
                 if loss_fn is not None and args.compile_cache and loss_fn.take_new_graphs():
                     save_compile_cache(args.compile_cache)
+                measured[size] = record["seconds"]
+                left = seconds_left(measured, args.progressive, epoch + 1, args.epochs, (args.height, args.width))
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU per image {val['miou_per_image']:.4f}"
-                      f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s")
+                      f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s"
+                      + (f", about {left / 60:.1f} min left" if left else ""))
 
     check_weights_agree(model, info.is_main)
     barrier(device)

@@ -97,3 +97,15 @@ def test_sizes_of_a_run_and_of_what_is_left_of_it():
     assert sizes_from(steps, 3, 8, (96, 128)) == [(48, 64), (96, 128)]
     assert sizes_from(steps, 4, 8, (96, 128)) == [(96, 128)]
     assert sizes_from([], 0, 3, (96, 128)) == [(96, 128)]
+
+
+def test_seconds_left_of_a_run_from_its_measured_epochs():
+    """Epochs left take what their size's latest epoch took; while a size left has not been trained at, there is
+    no figure (an epoch's time does not follow its pixels)."""
+    from seglib.recipes import progressive_step, seconds_left
+    steps = [progressive_step("64x88:0.5")]
+    assert seconds_left({(64, 88): 60.0}, steps, 1, 4, (96, 128)) is None
+    assert seconds_left({(64, 88): 60.0, (96, 128): 110.0}, steps, 2, 4, (96, 128)) == pytest.approx(220)
+    assert seconds_left({(64, 88): 60.0, (96, 128): 110.0}, steps, 3, 4, (96, 128)) == pytest.approx(110)
+    assert seconds_left({(96, 128): 95.0}, [], 1, 3, (96, 128)) == pytest.approx(190)
+    assert seconds_left({(96, 128): 110.0}, [], 4, 4, (96, 128)) == 0

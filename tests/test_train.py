@@ -317,7 +317,20 @@ def test_training_levers_reach_the_run(tmp_path, drinks, monkeypatch, capsys):
     assert [s[0] for s in shapes] == [(32, 40)] * 2 + [(40, 48)] * 2 + [(48, 64)] * 2
     assert all(s[1] == s[0] and s[2:] == ("ce+lovasz", [1.0, 2.0, 3.0, 4.0]) for s in shapes)
     assert zeroed == [3]  # depth 11: 3 stages of one unit
-    assert "class weights: background 1.000, Water 2.000, Soda 3.000, Juice 4.000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "class weights: background 1.000, Water 2.000, Soda 3.000, Juice 4.000" in out
+    # an epoch says how long the rest should take only once every size left has been trained at: here none does
+    # before the last (each epoch has its own size), and the last has nothing left
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and not any("min left" in line for line in epoch_lines)
+
+
+def test_each_epoch_says_how_long_the_rest_should_take(tmp_path, drinks, capsys):
+    """At one size every epoch but the last gives the time left, from the epoch just measured."""
+    train.main(_args(tmp_path, drinks, "--height", 48, "--width", 64, "--depth", 11, "--n-layers", 2, "--limit", 8,
+                     "--epochs", 3, "--val-fraction", 0.01, "--no-test", "--workers", 0))
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [("min left" in line) for line in epoch_lines] == [True, True, False]
 
 
 @pytest.mark.parametrize("argv, words", [
