@@ -17,7 +17,7 @@ from seglib.ema import ModelEMA
 from seglib.errors import TrainingError
 from seglib.inference import to_input, tta_cost
 from seglib.progress import progress
-from seglib.recipes import epoch_size
+from seglib.recipes import epoch_sizes
 from seglib.schedules import set_lr
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
@@ -159,8 +159,7 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val, criterion=F.cross_e
     each input size they train at (see --progressive), with their validations, and the final scoring of
     ``n_test`` test images."""
     final = (args.height, args.width)
-    sizes = [epoch_size(getattr(args, "progressive", []), e, args.epochs, final)
-             for e in range(first_epoch, args.epochs)]
+    sizes = epoch_sizes(getattr(args, "progressive", []), first_epoch, args.epochs, final)
     per_image = {size: _seconds_per_image(model, args, dtype, criterion, *size, n_classes)
                  for size in sorted(set(sizes))}
     # evaluation, at the final size, is a forward pass (about a third of a training step) plus native-size

@@ -95,17 +95,22 @@ def epoch_size(progressive, epoch, epochs, final):
     return tuple(final)
 
 
+def epoch_sizes(progressive, first_epoch, epochs, final):
+    """(height, width) of each epoch from 0-based ``first_epoch`` on (see ``epoch_size``)."""
+    return [epoch_size(progressive, e, epochs, final) for e in range(first_epoch, epochs)]
+
+
 def sizes_from(progressive, first_epoch, epochs, final):
     """The distinct (height, width) of the epochs from 0-based ``first_epoch`` on, in training order: what a run
     (a resumed one: what is left of it) trains at."""
-    return list(dict.fromkeys(epoch_size(progressive, e, epochs, final) for e in range(first_epoch, epochs)))
+    return list(dict.fromkeys(epoch_sizes(progressive, first_epoch, epochs, final)))
 
 
 def seconds_left(measured, progressive, done, epochs, final):
     """Seconds the epochs after the first ``done`` should take, from ``measured``: {(height, width): seconds of
     this run's latest epoch at that size}; None while a size left is not measured yet, since an epoch's time
     does not follow its pixels (JPEG decoding and validation cost the same at every size)."""
-    sizes = [epoch_size(progressive, e, epochs, final) for e in range(done, epochs)]
+    sizes = epoch_sizes(progressive, done, epochs, final)
     if not all(size in measured for size in sizes):
         return None
     return sum(measured[size] for size in sizes)
