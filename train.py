@@ -363,7 +363,8 @@ def _train(args, info, device, started):
                 writer.submit(*jobs)
                 if loss_fn is not None and args.compile_cache and loss_fn.take_new_graphs():
                     save_compile_cache(args.compile_cache)
-                measured[size] = record["seconds"]
+                if not (epoch == start_epoch and start_step):  # a resumed partial epoch is no epoch's time
+                    measured[size] = record["seconds"]
                 left = seconds_left(measured, args.progressive, epoch + 1, args.epochs, (args.height, args.width))
                 print(f"epoch {epoch + 1}: train loss {train_loss:.4f}, val mIoU per image {val['miou_per_image']:.4f}"
                       f", val mIoU {val['miou']:.4f}{'  (best)' if improved else ''}, {record['seconds']:.0f} s"

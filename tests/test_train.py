@@ -333,6 +333,21 @@ def test_each_epoch_says_how_long_the_rest_should_take(tmp_path, drinks, capsys)
     assert [("min left" in line) for line in epoch_lines] == [True, True, False]
 
 
+def test_a_resumed_partial_epoch_gives_no_time_left(tmp_path, drinks, monkeypatch, ctrl_c_at_step, capsys):
+    """The epoch a run resumes in took only the steps left of it, so its time is no epoch's: it gives no time
+    left, and the next whole epoch does."""
+    common = ["--height", 48, "--width", 64, "--depth", 11, "--n-layers", 2, "--limit", 16, "--val-fraction", 0.01,
+              "--no-test", "--epochs", 4]  # 3 steps an epoch
+    monkeypatch.setattr(train, "build_criterion", lambda *a: ctrl_c_at_step(5))  # epoch 2, step 2 of 3
+    assert train.main(_args(tmp_path, drinks, *common)) is None
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.main(_args(tmp_path, drinks, *common, "--resume"))
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 2", "epoch 3", "epoch 4"]
+    assert [("min left" in line) for line in epoch_lines] == [False, True, False]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--flips", "alternate", "--no-augment"], "--flips alternate: flips need --augment flip or full"),
     (["--progressive", "64x96:0.6", "80x96:0.3"], "--progressive 64x96:0.6 80x96:0.3: the UNTIL fractions must"),
