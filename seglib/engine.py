@@ -152,12 +152,13 @@ def _seconds_per_image(model, args, dtype, criterion, height, width, n_classes=4
     return statistics.median(times[2:]) / args.batch_size
 
 
-def estimate_cpu_minutes(model, args, dtype, n_train, n_val, criterion=F.cross_entropy, n_test=0, elapsed=0.0,
-                         n_classes=4, first_epoch=0):
-    """Minutes the rest of the run should take on this CPU: ``elapsed`` seconds already spent starting up, then
-    the epochs from ``first_epoch`` (0-based; a resumed run's) on, from timed training steps of ``criterion`` at
-    each input size they train at (see --progressive), with their validations, and the final scoring of
-    ``n_test`` test images."""
+def estimate_cpu_run(model, args, dtype, n_train, n_val, criterion=F.cross_entropy, n_test=0, elapsed=0.0,
+                     n_classes=4, first_epoch=0):
+    """(minutes, epoch_seconds) the rest of the run should take on this CPU. The minutes: ``elapsed`` seconds
+    already spent starting up, then the epochs from ``first_epoch`` (0-based; a resumed run's) on, from timed
+    training steps of ``criterion`` at each input size they train at (see --progressive), with their
+    validations, and the final scoring of ``n_test`` test images. ``epoch_seconds``: {(height, width): seconds
+    of one epoch at that size, its validation included}, for each size left."""
     final = (args.height, args.width)
     sizes = epoch_sizes(getattr(args, "progressive", []), first_epoch, args.epochs, final)
     per_image = {size: _seconds_per_image(model, args, dtype, criterion, *size, n_classes)
@@ -167,8 +168,9 @@ def estimate_cpu_minutes(model, args, dtype, n_train, n_val, criterion=F.cross_e
     val_tta = getattr(args, "val_tta", None) or args.tta
     val = per_image[final] if final in per_image else _seconds_per_image(model, args, dtype, criterion, *final,
                                                                          n_classes)
-    seconds = sum(per_image[size] * n_train + val * n_val / 2 * tta_cost(val_tta) for size in sizes)
-    return (elapsed + seconds + val * n_test / 2 * tta_cost(args.tta)) / 60
+    epoch_seconds = {size: per_image[size] * n_train + val * n_val / 2 * tta_cost(val_tta) for size in per_image}
+    seconds = sum(epoch_seconds[size] for size in sizes)
+    return (elapsed + seconds + val * n_test / 2 * tta_cost(args.tta)) / 60, epoch_seconds
 
 
 def check_weights_agree(model, is_main=True):

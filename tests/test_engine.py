@@ -32,9 +32,10 @@ def test_cpu_estimate_adds_up_start_up_training_validation_and_test(monkeypatch,
     monkeypatch.setattr(engine.time, "perf_counter", lambda: float(next(clock)))
     args = argparse.Namespace(lr=1e-3, l2=1e-4, batch_size=4, height=32, width=40, channels_last=False, ema=0.0,
                               tta=tta, epochs=3)
-    minutes = engine.estimate_cpu_minutes(build_fcn(depth=11, n_layers=1), args, None, n_train=100, n_val=10,
-                                          n_test=20, elapsed=30.0)
+    minutes, epoch_seconds = engine.estimate_cpu_run(build_fcn(depth=11, n_layers=1), args, None, n_train=100,
+                                                     n_val=10, n_test=20, elapsed=30.0)
     assert minutes == pytest.approx((30 + 0.5 * (100 + 10 / 2 * val_passes) * 3 + 0.5 * 20 / 2 * val_passes) / 60)
+    assert epoch_seconds == {(32, 40): pytest.approx(0.5 * (100 + 10 / 2 * val_passes))}
 
 
 def test_cpu_estimate_takes_the_median_step_with_every_class_present(monkeypatch):
@@ -76,15 +77,19 @@ def test_cpu_estimate_times_each_size_of_a_progressive_run(monkeypatch):
     """--progressive 32x40:0.5 over 4 epochs at 64x80: two epochs at each size, each timed at its own size;
     validation at the final size."""
     args, timed = _progressive_run(monkeypatch)
-    minutes = engine.estimate_cpu_minutes(None, args, None, n_train=100, n_val=10)
+    minutes, epoch_seconds = engine.estimate_cpu_run(None, args, None, n_train=100, n_val=10)
     assert sorted(timed) == [(32, 40), (64, 80)]
     assert minutes == pytest.approx((2 * 1.28 * 100 + 2 * 5.12 * 100 + 4 * 5.12 * 10 / 2) / 60)
+    # an epoch at either size is validated at the final size
+    assert epoch_seconds == {(32, 40): pytest.approx(1.28 * 100 + 5.12 * 10 / 2),
+                             (64, 80): pytest.approx(5.12 * 100 + 5.12 * 10 / 2)}
 
 
 def test_cpu_estimate_of_a_resumed_run_counts_only_the_epochs_left(monkeypatch):
     """The same run resumed at its fourth epoch (first_epoch=3): one epoch at 64x80 is left, so the 32x40 size
     is not timed at all and neither the three epochs done nor their validations are counted."""
     args, timed = _progressive_run(monkeypatch)
-    minutes = engine.estimate_cpu_minutes(None, args, None, n_train=100, n_val=10, first_epoch=3)
+    minutes, epoch_seconds = engine.estimate_cpu_run(None, args, None, n_train=100, n_val=10, first_epoch=3)
     assert timed == [(64, 80)]
     assert minutes == pytest.approx((5.12 * 100 + 5.12 * 10 / 2) / 60)
+    assert list(epoch_seconds) == [(64, 80)]
