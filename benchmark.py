@@ -91,16 +91,27 @@ def matmul_peak_gflops(device, dtype):
     return 2 * n ** 3 / seconds / 1e9
 
 
+class StockConvTranspose2d(nn.ConvTranspose2d):
+    """A stock ``nn.ConvTranspose2d`` (bias inside the op) given the project's input shift (resnet.py), so it
+    computes Keras's 'same' output as a plain port would."""
+
+    shift = 0
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 0, 1, 0)) if self.shift else x)
+
+
 def plain_port(model):
     """``model`` as a plain port writes it: each transposed conv a stock ``nn.ConvTranspose2d`` (bias inside).
     Only the book's FCN has the project's own transposed conv; other models are already stock layers."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, ConvTranspose2d):
-                stock = nn.ConvTranspose2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                           child.padding, child.output_padding, child.groups,
-                                           child.bias is not None, child.dilation)
+                stock = StockConvTranspose2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                             child.padding, child.output_padding, child.groups,
+                                             child.bias is not None, child.dilation)
                 stock.load_state_dict(child.state_dict())
+                stock.shift = child.shift
                 setattr(module, name, stock)
     return model
 

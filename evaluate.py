@@ -8,10 +8,10 @@ definitions: the book's per-image mIoU and the standard dataset-level mIoU from 
     python evaluate.py --weights weights/RUN/best.pt --image-file photo.jpg more_photos/
     python evaluate.py --weights weights/RUN/best.pt --split train --compile   # a frozen graph for large splits
     python evaluate.py --weights model.onnx        # a file from export.py, run by onnxruntime, same outputs
+    python evaluate.py --weights ResNet56v2-3layer-drinks-best-iou.h5   # the book's own trained Keras FCN
 """
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from data_generator import default_data_path
 from model_utils import get_device, keep_freed_memory
 from seglib.errors import CheckpointError, DataError, at_least, check_flags, run_cli
-from seglib.files import read_image
+from seglib.files import output_names, read_image
 from seglib.inference import TTA_MODES, input_dtype, predict, predictor, to_input, upsample_argmax
 from seglib.plots import overlay, save_image, save_mask_png
 from seglib.progress import progress
@@ -46,19 +46,6 @@ def image_files(paths):
     return files, skipped
 
 
-def output_stems(files):
-    """A distinct output name for each file: its stem, or, where stems collide (``a/x.jpg`` and ``b/x.png``), the
-    parent folder, stem and suffix (``a-x-jpg``), numbered if that still collides."""
-    stems = Counter(f.stem for f in files)
-    names = [f"{f.parent.name}-{f.stem}-{f.suffix.lstrip('.')}" if stems[f.stem] > 1 else f.stem for f in files]
-    totals, seen = Counter(names), Counter()
-    unique = []
-    for name in names:
-        seen[name] += 1
-        unique.append(name if totals[name] == 1 else f"{name}-{seen[name]}")
-    return unique
-
-
 @torch.inference_mode()
 def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False, tta="none", ema=True):
     """Segment image files of any size: write ``<name>-mask.png`` and ``<name>-overlay.png`` to ``out_dir`` for
@@ -72,7 +59,7 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False,
     fast = predictor(model, dtype, True, compile)
     files, skipped = image_files(paths)
     written, failed = [], []
-    for path, name in progress(list(zip(files, output_stems(files))), desc="segmenting", unit="img"):
+    for path, name in progress(list(zip(files, output_names(files))), desc="segmenting", unit="img"):
         try:
             image = read_image(path)  # (H, W, 3) uint8
         except DataError as e:
@@ -82,11 +69,11 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False,
         x = TF.resize(torch.from_numpy(image).permute(2, 0, 1), [cfg["height"], cfg["width"]], antialias=True)
         logits = predict(fast, to_input(x[None], device, True, dtype), tta)
         pred = upsample_argmax(logits, image.shape[:2])[0].to("cpu", torch.uint8).numpy()
-        stem = Path(out_dir) / name
-        save_mask_png(pred, f"{stem}-mask.png")
-        save_image(overlay(image, pred), f"{stem}-overlay.png")
-        written.append(f"{stem}-mask.png")
-        print(f"{path}: {stem}-mask.png, {stem}-overlay.png")
+        mask, over = Path(out_dir) / f"{name}-mask.png", Path(out_dir) / f"{name}-overlay.png"  # inside out_dir
+        save_mask_png(pred, mask)
+        save_image(overlay(image, pred), over)
+        written.append(str(mask))
+        print(f"{path}: {mask}, {over}")
     other = f"; {len(skipped)} files that are not images skipped" if skipped else ""
     print(f"wrote masks and overlays of {len(written)} of {len(files)} images to {out_dir}{other}")
     if failed:
@@ -99,7 +86,8 @@ def get_args_parser():
     """Flags of evaluate.py."""
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint (any registered model) on the drinks dataset.")
     parser.add_argument("--weights", required=True,
-                        help="checkpoint, e.g. weights/<run>/best.pt, or a .onnx file from export.py (onnxruntime)")
+                        help="checkpoint, e.g. weights/<run>/best.pt, a .onnx file from export.py (onnxruntime), or "
+                             "the book's Keras weights file (.h5), scored at 480x640")
     parser.add_argument("--data-path", default=default_data_path(),
                         help="dataset folder (default: $DRINKS_DATA or dataset/drinks)")
     parser.add_argument("--split", default="test", choices=["test", "train", "val"],

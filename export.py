@@ -16,6 +16,7 @@ hubconf.py loads it and evaluate.py scores it like a checkpoint (weights/MODEL_C
     python export.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt --output model.onnx
     python evaluate.py --weights model.onnx                       # score it with the same metrics
     python export.py --weights weights/fcn-resnet56v2-4layer-drinks/best.pt --format weights
+    python export.py --weights ResNet56v2-3layer-drinks-best-iou.h5 --format weights   # the book's own model
 """
 import argparse
 import contextlib
@@ -30,6 +31,7 @@ from seglib.annotations import split_of
 from seglib.errors import DataError, ExportError, at_least, check_flags, run_cli
 from seglib.inference import to_input
 from seglib.onnx_model import OPSET, OnnxModel, export_onnx
+from seglib.keras_weights import is_keras_file, load_weights_file
 from seglib.progress import progress
 from seglib.registry import model_from_checkpoint
 from seglib.release import release_state, write_release
@@ -106,7 +108,9 @@ def get_args_parser():
 
 def export_weights(args, ckpt):
     """Write the release file (hashed name), read it back and check it gives the checkpoint's logits exactly."""
-    target = Path(args.output or Path(args.weights).resolve().parent.name)
+    # a run's checkpoint is named by its run folder, the book's Keras file by its own name
+    default = Path(args.weights).stem if is_keras_file(args.weights) else Path(args.weights).resolve().parent.name
+    target = Path(args.output or default)
     folder = target.parent if args.output else Path(args.weights).parent
     path = write_release(release_state(ckpt, args.weights), folder, target.name.removesuffix(".pt"))
     result = {"output": str(path), "bytes": path.stat().st_size}
@@ -131,12 +135,12 @@ def main(args):
     if Path(args.weights).suffix.lower() == ".onnx":
         raise ExportError(f"{args.weights}: is an ONNX file already; --weights takes a checkpoint (.pt)")
     if args.format == "weights":
-        return export_weights(args, load_checkpoint(args.weights))
+        return export_weights(args, load_weights_file(args.weights))
     output = Path(args.output or Path(args.weights).with_suffix(".onnx"))
     if output.is_dir():
         raise ExportError(f"{output}: is a folder; --output takes the ONNX file to write")
     print(f"exporting {args.weights} -> {output} (opset {args.opset}, TorchScript exporter, torch {torch.__version__})")
-    ckpt = load_checkpoint(args.weights)
+    ckpt = load_weights_file(args.weights)
     model = model_from_checkpoint(ckpt, args.weights).eval()
     tmp = write_onnx(model, ckpt, args.weights, output, args.opset)
     try:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from resnet import ConvBNReLU, FeaturePyramid, ResNetV2, init_keras_
+from resnet import ConvBNReLU, FeaturePyramid, ResNetV2, he_normal_, init_keras_
 
 HEAD_CHANNELS = 256
 
@@ -30,10 +30,13 @@ class FCN(nn.Module):
             ConvBNReLU(concat_ch, HEAD_CHANNELS, 3, stride=2, transposed=True),
             ConvBNReLU(HEAD_CHANNELS, HEAD_CHANNELS, 3, stride=2, transposed=True),
         )
+        # the book's classifier is a 1x1 Conv2DTranspose: the same function as this 1x1 conv, but Keras takes a
+        # transposed conv's fan-in from its output channels, so he_normal draws it with std sqrt(2 / n_classes)
         self.classifier = nn.Conv2d(HEAD_CHANNELS, n_classes, 1)
         init_keras_(self.lateral)
         init_keras_(self.up)
-        init_keras_(self.classifier)
+        he_normal_(self.classifier.weight, fan_in=n_classes)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x):
         height, width = x.shape[-2:]

@@ -20,7 +20,7 @@ from torch import nn
 
 CONFIG_KEYS = ("n_classes", "height", "width", "class_names")
 HASH_DIGITS = 8  # a released file is named <name>-<first 8 hex digits of its SHA-256>.pt (seglib/release.py)
-HASHED_NAME = re.compile(r"-([0-9a-f]{8,64})\.pt$")  # the part torch.hub's check_hash reads
+HASHED_NAME = re.compile(r"-([0-9a-f]{8,64})\.pt$", re.IGNORECASE)  # the part torch.hub's check_hash reads
 
 
 class CheckpointError(ValueError):
@@ -79,7 +79,7 @@ def check_name_hash(path):
     """CheckpointError if ``path`` is named ``<name>-<hex digits>.pt`` and its SHA-256 does not begin with them
     (a damaged or altered release); a name without such digits is not checked, as in torch.hub."""
     match = HASHED_NAME.search(Path(path).name)
-    if match and not sha256_of(path).startswith(match.group(1)):
+    if match and not sha256_of(path).startswith(match.group(1).lower()):
         raise CheckpointError(f"{path}: its SHA-256 does not start with the {match.group(1)} in its name "
                               f"(a damaged or altered file); download or export it again")
 

@@ -34,13 +34,13 @@ def batch_norm(channels):
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-def he_normal_(weight):
+def he_normal_(weight, fan_in=None):
     """Keras he_normal: truncated normal (at 2 std) whose samples have std sqrt(2 / fan_in).
 
-    fan_in is PyTorch's (dim 1 times the kernel area), which for a transposed conv is its output channel count
-    times the kernel area, as in Keras.
+    ``fan_in`` defaults to PyTorch's (dim 1 times the kernel area), which for a transposed conv is its output
+    channel count times the kernel area, as in Keras.
     """
-    fan_in = weight[0].numel()
+    fan_in = weight[0].numel() if fan_in is None else fan_in
     std = (2.0 / fan_in) ** 0.5 / _TRUNC_STD
     with torch.no_grad():
         return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
@@ -61,18 +61,65 @@ def fuse_conv_bn(conv, bn):
     return fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
 
 
-class ConvTranspose2d(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` that, when training, adds its bias as a separate op (same parameters and result).
+def same_padding(size, kernel, stride):
+    """(before, after) padding of one side of ``size`` under TensorFlow's (and so Keras's) ``padding='same'``.
 
-    On the CPU, PyTorch's oneDNN transposed-conv backward reduces the bias gradient ~50x slower than a plain sum
-    (0.4 s of a 2 s step at 240x320, batch 4); the gradient of a separate add is that plain sum.
+    The output has ceil(size / stride) entries; the total padding that needs is split with the smaller half
+    before: an even side under a 3x3 stride-2 conv gets 0 before and 1 after, an odd one 1 and 1. Written
+    without ``max`` and branches, so ONNX export traces it as a function of the input size.
     """
+    total = kernel - stride + (-size) % stride  # = (ceil(size / stride) - 1) * stride + kernel - size
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` padded as Keras's ``Conv2D(padding='same')``, also where the stride is 2 and the two sides
+    get unequal padding (PyTorch's symmetric padding would shift every output by one input pixel)."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, bias=True):
+        if kernel_size < stride:
+            raise ValueError(f"kernel_size {kernel_size} < stride {stride}: 'same' would need negative padding")
+        super().__init__(in_ch, out_ch, kernel_size, stride, padding=0, bias=bias)
 
     def forward(self, x):
+        k, s = self.kernel_size[0], self.stride[0]
+        top, bottom = same_padding(x.shape[-2], k, s)
+        left, right = same_padding(x.shape[-1], k, s)
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` as Keras's ``Conv2DTranspose(padding='same')``: the output is exactly ``stride``
+    times the input, cut from the full transposed conv as TensorFlow cuts it, the smaller half of the excess
+    ``kernel_size - stride`` first. For a 3x3 stride-2 kernel that keeps the first 2H x 2W (the last row and
+    column go), where ``padding=1, output_padding=1`` would keep the last ones.
+
+    An odd excess cannot be cut by torch's symmetric padding alone. A zero row and column before the input move
+    the full output down and right by ``stride``, so a padding of ``stride`` more cuts what TensorFlow cuts and
+    output_padding makes up the end: the output comes out at its size, with no slice to copy (oneDNN's CPU
+    kernels are also 5x slower when the output has odd sides, as the uncut one has).
+
+    When training, the bias is added as a separate op (same parameters and result): on the CPU, PyTorch's
+    oneDNN transposed-conv backward reduces the bias gradient ~50x slower than a plain sum (0.4 s of a 2 s step
+    at 240x320, batch 4); the gradient of a separate add is that plain sum.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, bias=True):
+        excess = kernel_size - stride
+        if excess < 0:
+            raise ValueError(f"kernel_size {kernel_size} < stride {stride}: 'same' would need a wider output")
+        self.shift = excess % 2  # 1: pad a zero row and column before the input
+        padding = excess // 2 + self.shift * stride
+        super().__init__(in_ch, out_ch, kernel_size, stride, padding=padding,
+                         output_padding=self.shift * (stride - 1), bias=bias)
+
+    def forward(self, x):
+        if self.shift:
+            x = F.pad(x, (1, 0, 1, 0))  # (B, C, H + 1, W + 1)
         if self.bias is None or not (torch.is_grad_enabled() and self.bias.requires_grad):
             return super().forward(x)  # no bias gradient to compute: the fused bias is faster
         y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, self.output_padding, self.groups,
-                               self.dilation)
+                               self.dilation)  # (B, C, stride * H, stride * W)
         return y + self.bias.to(y.dtype).view(1, -1, 1, 1)  # cast: under autocast y is bf16, the bias float32
 
 
@@ -81,11 +128,11 @@ class ConvBNReLU(nn.Module):
 
     def __init__(self, in_ch, out_ch, kernel_size=3, stride=1, transposed=False):
         super().__init__()
-        if transposed:
-            # Keras Conv2DTranspose(padding="same", strides=2): output is exactly twice the input
-            self.conv = ConvTranspose2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
-                                        output_padding=stride - 1)
-        else:
+        if transposed:  # Keras Conv2DTranspose(padding="same"): the output is exactly stride times the input
+            self.conv = ConvTranspose2d(in_ch, out_ch, kernel_size, stride)
+        elif stride > 1 and kernel_size > 1:  # Keras Conv2D(padding="same"), padded as TensorFlow pads it
+            self.conv = Conv2dSame(in_ch, out_ch, kernel_size, stride)
+        else:  # stride 1, odd kernel: 'same' is symmetric
             self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2)
         self.bn = batch_norm(out_ch)
         self.relu = nn.ReLU(inplace=True)

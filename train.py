@@ -40,7 +40,7 @@ from seglib.losses import LOSSES, Criterion, build_criterion, resolve_class_weig
 from seglib.plots import plot_curves
 from seglib.recipes import (CPU_COMMAND, RECIPES, RecipeArgumentParser, class_weights, ema_decay, epoch_size,
                             progressive_step, recipe_flags, seconds_left, sizes_from)
-from seglib.registry import (MODELS, build_model, checkpoint_model, load_backbone_, model_options,
+from seglib.registry import (MODELS, build_model, check_same_padding, checkpoint_model, load_backbone_, model_options,
                              read_backbone_weights, run_name)
 from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
 from seglib.scoring import evaluate_checkpoint
@@ -66,6 +66,9 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=100, help="total epochs (the book: 100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step and per process (the book: 4)")
     p.add_argument("--lr", type=float, default=BASE_LR, help="base learning rate of the book's schedule")
+    p.add_argument("--adam-eps", default="keras", choices=("keras", "torch"),
+                   help="where Adam adds its epsilon of 1e-7: keras, before the bias correction as the book's Keras "
+                        "Adam does; torch, after it")
     p.add_argument("--lr-schedule", default="book", choices=SCHEDULES,
                    help="book: x0.5 after epoch 40, x0.1 after 60, x0.05 after 80; scaled: the same steps at "
                         "40%%, 60%%, 80%% of --epochs (for short runs); cosine: half a cosine down to 0; "
@@ -173,6 +176,10 @@ def resolve_args(args):
 
 def check_args(args):
     """UsageError, naming the flag and its value, for a value the run cannot use; before anything is written."""
+    name = args.run_name
+    if name is not None and (name in ("", ".", "..") or Path(name).name != name or "\\" in name):
+        raise UsageError(f"--run-name {args.run_name}: a run name is one folder name, written inside --output-dir "
+                         f"and --figures-dir (no / or \\, not . or ..)")
     check_flags(args, [
         at_least("--epochs", 1), at_least("--batch-size", 1),
         at_least("--height", 32, "the model downsamples 32 times"),
@@ -224,6 +231,7 @@ def _train(args, info, device, started):
         raise TrainingError(f"{last_path} holds {checkpoint_model(ckpt['config'])}, not this run's {wanted}: "
                             f"resume with the same model flags")
     if ckpt is not None:
+        check_same_padding(ckpt["config"], last_path)
         check_resume(args, ckpt, last_path)
     dtype = amp_dtype(device, args.amp)
     # each node's first process readies its own copy (nodes need not share a filesystem); the others wait
@@ -261,7 +269,7 @@ def _train(args, info, device, started):
         write_json({**vars(args), "device": str(device), "autocast": str(dtype), "world_size": info.world_size,
                     "data_on_device": on_device}, run_dir / "config.json")
     tb = None
-    optimizer = build_optimizer(model, args.lr, args.l2)
+    optimizer = build_optimizer(model, args.lr, args.l2, args.adam_eps)
     scaler = make_grad_scaler(device, dtype)
     criterion = build_criterion(args.loss, None if weights is None else weights.to(device), args.loss_weight)
     start_epoch, start_step, best = 0, 0, -1.0
@@ -310,7 +318,8 @@ def _train(args, info, device, started):
     if args.tensorboard and info.is_main:
         # from the step after the checkpoint on, whatever an interrupted run logged goes (TensorBoard's purge)
         tb = TensorBoardLog(run_dir / "tb", purge_step=start_epoch * steps_per_epoch + start_step + 1)
-    with StopRequest() as stop, BackgroundWriter(threaded=_background(args, device)) as writer, (tb or nullcontext()):
+    # the log closes after the writer has run its last jobs (the last epoch's figure goes into the log)
+    with StopRequest() as stop, (tb or nullcontext()), BackgroundWriter(threaded=_background(args, device)) as writer:
         for epoch in range(start_epoch, args.epochs):
             def lr_fn(step, epoch=epoch):
                 return learning_rate(args.lr_schedule, epoch * steps_per_epoch + step, steps_per_epoch, args.epochs,

@@ -11,7 +11,7 @@ import torch
 from model_utils import rng_state, save_checkpoint
 from seglib.errors import UsageError
 from seglib.files import read_jsonl
-from seglib.registry import model_options
+from seglib.registry import SAME_PADDING, model_options
 
 # flags a resumed run must keep (the model's are checked with the model): they change the data, the split or the
 # steps; --epochs may change
@@ -31,7 +31,7 @@ def checkpoint_state(model, optimizer, scaler, args, class_names, epoch, step, b
         "model": model.state_dict(),
         "config": {"n_classes": len(class_names), "model": args.model,
                    "model_options": model_options(args.model, args), "height": args.height, "width": args.width,
-                   "class_names": list(class_names)},
+                   "class_names": list(class_names), "same_padding": SAME_PADDING},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,

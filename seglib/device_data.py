@@ -65,7 +65,7 @@ def draw_params(seed, native_hw, out_hw, augment, random_flip):
     if augment == "none":
         return SampleParams(False, box)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed reseeds every GPU too
         flip = random_flip and bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip: no flip when rand >= p
         if augment == "flip":
             return SampleParams(flip, box)

@@ -1,6 +1,7 @@
 """Download the drinks dataset: try mirror URLs in order, refuse what is not the archive (Google Drive answers a
-large file with an HTML "virus scan" or quota page), trust an archive only when its JSON files' SHA-256 match,
-and extract it safely. An archive downloaded by hand is installed the same way.
+large file with an HTML "virus scan" or quota page), trust an archive only when every file the project reads
+matches its SHA-256 in dataset/drinks.sha256, and extract it safely (no links, a cap on its size). An archive
+downloaded by hand is installed the same way.
 
 Used through data_generator.py:
 
@@ -23,10 +24,11 @@ ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_te
 
 # A public copy of the archive (Google Drive, shared by a course that uses the book). DRINKS_URL overrides it.
 DEFAULT_URL = "https://drive.usercontent.google.com/download?id=1AdMbVK110IKLG7wJKhga2N2fitV1bVPA&export=download&confirm=t"
-JSON_SHA256 = {
-    "segmentation_train.json": "924f6aff8c8519b044bc677f14aeae6cefb82d3ba49474a5e60e7e6cda35f7b5",
-    "segmentation_test.json": "60d6ac0760b5d6d32ec51044d7add99fd99047e8ca377bef02d7cb30c05a0017",
-}
+# the SHA-256 of every file the project reads (both JSON files and the 1052 photos), as sha256sum writes them
+MANIFEST = Path(__file__).resolve().parents[1] / "dataset" / "drinks.sha256"
+# the archive is 147 MB of JPEGs and unpacks to about as much in about 1,100 files (some for object detection)
+MAX_MEMBERS = 5000
+MAX_BYTES = 1 << 30
 BY_HAND = ("Get drinks.tar.gz in a browser (dataset/README.md says where), then run: "
            "python data_generator.py --download --archive PATH")
 
@@ -71,17 +73,51 @@ def _fetch(url, dest):
     tmp.replace(dest)
 
 
+def published_checksums():
+    """{file name: SHA-256} of every file of the dataset the project reads (dataset/drinks.sha256), the two JSON
+    files first."""
+    sums = {}
+    for line in MANIFEST.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        sums[name] = digest
+    return sums
+
+
+def checked_members(tar, archive):
+    """The members of ``tar``, each a plain file or folder, at most MAX_MEMBERS of them and MAX_BYTES in all.
+
+    The dataset holds no link: a link that points inside the extraction folder passes tarfile's "data" filter
+    but can point outside once the folder is moved into place, so every link is refused."""
+    members, total = [], 0
+    for member in tar:
+        if len(members) == MAX_MEMBERS:
+            raise DataError(f"{archive}: more than {MAX_MEMBERS} members; the drinks archive has about 1,100")
+        if member.issym() or member.islnk():
+            raise DataError(f"{archive}: {member.name} is a link; the drinks archive has none")
+        if not (member.isfile() or member.isdir()):
+            raise DataError(f"{archive}: {member.name} is not a file or a folder")
+        total += member.size
+        if total > MAX_BYTES:
+            raise DataError(f"{archive}: unpacks to more than {MAX_BYTES >> 20} MiB; the drinks archive to about 150")
+        members.append(member)
+    return members
+
+
 def _extract_verified(archive, target, checksums):
-    """Extract ``archive`` safely, check the JSON checksums, then move its ``drinks/`` folder to ``target``."""
+    """Extract ``archive`` safely, check every file ``checksums`` names, then move its ``drinks/`` folder to
+    ``target``."""
     problem = archive_problem(archive)
     if problem:
         raise DataError(f"{archive}: {problem}")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".extract-") as tmp:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")  # refuses members that escape tmp, links outside, devices
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"{archive}: cannot extract archive safely ({e})") from None
+                # the "data" filter still refuses members that escape tmp, and absolute names
+                tar.extractall(tmp, members=checked_members(tar, archive), filter="data")
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt archive raises EOFError, zlib.error, ...
+            raise DataError(f"{archive}: cannot extract archive safely ({type(e).__name__}: {e})") from None
         found = [p.parent for p in Path(tmp).rglob(ANNOTATION_FILES["train"])]
         if not found:
             raise DataError(f"{archive}: no {ANNOTATION_FILES['train']} in the archive")
@@ -100,8 +136,9 @@ def download_drinks(target=DEFAULT_DATA_PATH, urls=None, checksums=None, archive
 
     From ``archive`` (a file the user downloaded) when given, else from ``<target's parent>/drinks.tar.gz``
     when it is there, else from the first of ``urls`` (see mirror_urls) whose answer is an archive whose two
-    JSON files match ``checksums`` (default: the published SHA-256s). A download that is not the archive or
-    fails its checksums is deleted and the next URL is tried. Nothing is left half-written.
+    files named in ``checksums`` (default: every file the project reads, dataset/drinks.sha256) are all there
+    and match. A download that is not the archive, cannot be read whole or fails its checksums is deleted and
+    the next URL is tried. Nothing is left half-written.
     """
     target = Path(target)
     if (target / ANNOTATION_FILES["train"]).is_file():
@@ -111,7 +148,7 @@ def download_drinks(target=DEFAULT_DATA_PATH, urls=None, checksums=None, archive
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         target.rmdir()
-    checksums = JSON_SHA256 if checksums is None else checksums
+    checksums = published_checksums() if checksums is None else checksums
     given = Path(archive) if archive else target.parent / "drinks.tar.gz"
     if archive or given.is_file():
         if not given.is_file():

@@ -23,8 +23,33 @@ from seglib.schedules import set_lr
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
 
 
-def build_optimizer(model, lr, l2):
-    """Adam (Keras defaults, eps 1e-7) with the book's L2 on the backbone's conv kernels as weight decay.
+class KerasAdam(torch.optim.Adam):
+    """Adam as Keras computes it: epsilon added to sqrt(v) before the bias correction ("epsilon hat").
+
+    Keras updates ``w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``; torch divides by
+    ``sqrt(v / (1 - b2^t)) + eps``. They agree when torch's epsilon at step t is ``eps / sqrt(1 - b2^t)``, which
+    this sets before each step. The step count lives in each param group (``keras_step``), so it is saved
+    and resumed with the optimizer's state; a step the GradScaler skips is not counted, as in torch's Adam.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-7, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("keras_eps", eps)
+            group.setdefault("keras_step", 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["keras_step"] += 1
+            group["eps"] = group["keras_eps"] / (1 - group["betas"][1] ** group["keras_step"]) ** 0.5
+        return super().step(closure)
+
+
+def build_optimizer(model, lr, l2, adam_eps="keras"):
+    """The book's Adam (Keras defaults: betas 0.9, 0.999, epsilon 1e-7) with its L2 on the backbone's conv
+    kernels as weight decay. ``adam_eps`` "keras" adds epsilon as Keras does (``KerasAdam``), "torch" as torch's
+    Adam does; the two differ most in early steps with small gradients.
 
     Keras adds ``l2 * sum(w**2)`` to the loss, so the gradient gains ``2 * l2 * w``: that is Adam's (coupled)
     weight_decay of ``2 * l2``, on those kernels only.
@@ -35,7 +60,8 @@ def build_optimizer(model, lr, l2):
         {"params": [p for p in model.parameters() if id(p) not in decayed], "weight_decay": 0.0},
     ]
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
+    adam = KerasAdam if adam_eps == "keras" else torch.optim.Adam
+    return adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=fused)
 
 
 class StopRequest:
@@ -66,13 +92,15 @@ def train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn=No
     ``loss_fn`` (a seglib.compiled.LossFunction: the forward pass and loss, maybe compiled) replaces
     ``criterion(model(x), target)``.
     """
+    # before the forward pass: the last step's gradients are freed before this step's activations are made
+    # (under CUDA graphs they would otherwise stay alive through the replay)
+    optimizer.zero_grad(set_to_none=True)
     with record_function("forward"):  # profiler ranges (seglib/profiling.py); next to free when not profiling
         if loss_fn is not None:
             loss = loss_fn(x, target)
         else:
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
                 loss = criterion(model(x), target)
-    optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     with record_function("optimizer"):
         scaler.step(optimizer)
@@ -112,18 +140,21 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, 
         # under DDP every rank must reach the all_reduce below at the same steps, whichever rank saw Ctrl-C and
         # when: a rank that entered it alone would pair it with the others' gradient all_reduce and hang
         if step % CHECK_EVERY == 0 or step == steps or (stop.requested and world_size == 1):
-            flags = torch.tensor([float(stop.requested), 0.0 if torch.isfinite(loss_state[0]) else 1.0], device=device)
+            # (stop asked, loss not finite) on the device; summed over the ranks, then read with the running
+            # loss in one host sync
+            flags = torch.stack([torch.full_like(loss_state[0], float(stop.requested)),
+                                 (~torch.isfinite(loss_state[0])).to(loss_state.dtype)])
             if world_size > 1:
                 dist.all_reduce(flags)
-            if flags[1] > 0:
+            stop_asked, not_finite, running = torch.cat([flags, (loss_state[0] / loss_state[1]).reshape(1)]).tolist()
+            if not_finite > 0:
                 raise TrainingError(f"loss is not finite at epoch {epoch + 1} step {step}: stopping; "
                                     f"{Path(args.output_dir) / args.run_name / 'last.pt'} keeps the last good state")
             rate = seen / (time.perf_counter() - t0)
-            running = (loss_state[0] / loss_state[1]).item()
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             if log_step is not None:
                 log_step(step, running, lr)
-            if flags[0] > 0:
+            if stop_asked > 0:
                 bar.close()
                 return loss_state, step, True
     bar.close()

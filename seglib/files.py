@@ -2,7 +2,9 @@
 temporary name, JSON lines (metrics.jsonl)."""
 import json
 import os
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image, ImageOps
 
 from seglib.errors import DataError
 
+MAX_PIXELS = 60_000_000  # a photo: the largest phone and camera sensors give about 50 megapixels
 EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores the photo turned
 TURNED_SIDEWAYS = {5, 6, 7, 8}  # the orientations whose upright image swaps width and height
 
@@ -22,9 +25,19 @@ def read_image(path, where=None):
         raise DataError(f"{where}: image file not found")
     try:
         with Image.open(path) as img:
+            _check_pixels(img, where)  # from the header, before anything is decoded
             return np.array(ImageOps.exif_transpose(img).convert("RGB"))  # a writable copy
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own refusal, at 3 times our limit
+        raise DataError(f"{where}: over the {MAX_PIXELS // 10 ** 6} megapixels of the largest photos ({e})") from None
+    except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read image ({e})") from None
+
+
+def _check_pixels(img, where):
+    """DataError for an image larger than a photo: a tiny file can declare 40000x40000 pixels (gigabytes)."""
+    if img.width * img.height > MAX_PIXELS:
+        raise DataError(f"{where}: {img.width}x{img.height} pixels, over the {MAX_PIXELS // 10 ** 6} megapixels of "
+                        f"the largest photos")
 
 
 def image_size(path, where=None):
@@ -34,10 +47,35 @@ def image_size(path, where=None):
         raise DataError(f"{where}: image file not found")
     try:
         with Image.open(path) as img:
+            _check_pixels(img, where)
             sideways = img.getexif().get(EXIF_ORIENTATION, 1) in TURNED_SIDEWAYS
             return (img.width, img.height) if sideways else (img.height, img.width)
+    except Image.DecompressionBombError as e:  # PIL's own refusal, at 3 times our limit
+        raise DataError(f"{where}: over the {MAX_PIXELS // 10 ** 6} megapixels of the largest photos ({e})") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read image ({e})") from None
+
+
+def output_names(paths):
+    """A distinct file name stem for each path, safe to join to an output folder: its stem, or, where stems
+    collide (``a/x.jpg`` and ``b/x.png``, ``sub1/a.jpg`` and ``sub2/a.jpg``), the parent folder, stem and suffix
+    (``a-x-jpg``), numbered if that still collides. Characters other than letters, digits, ``-``, ``_`` and
+    ``.`` become ``_``, and a leading dot goes, so no name is hidden, ``.`` or ``..``, or leaves the folder."""
+    paths = [Path(p) for p in paths]
+    stems = [_safe(p.stem) for p in paths]
+    counts = Counter(stems)
+    names = [_safe(f"{p.parent.name}-{p.stem}-{p.suffix.lstrip('.')}") if counts[stem] > 1 else stem
+             for p, stem in zip(paths, stems)]
+    totals, seen = Counter(names), Counter()
+    unique = []
+    for name in names:
+        seen[name] += 1
+        unique.append(name if totals[name] == 1 else f"{name}-{seen[name]}")
+    return unique
+
+
+def _safe(name):
+    return re.sub(r"[^\w.-]", "_", name).lstrip(".-") or "image"
 
 
 def write_json(obj, path):

@@ -71,7 +71,7 @@ class SegmentationDataset(Dataset):
                 image, mask = transform(image, mask)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed reseeds every GPU too
                     image, mask = transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 

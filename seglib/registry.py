@@ -205,6 +205,19 @@ def checkpoint_model(cfg):
     return DEFAULT_MODEL, {"depth": cfg["depth"], "n_layers": cfg["n_layers"]}
 
 
+# config["same_padding"] of every checkpoint written since the book's FCN pads its stride-2 convs and transposed
+# convs by TensorFlow's 'same' rule, as the book's Keras model does; an FCN checkpoint without it was trained as
+# another function (each of those layers one pixel off), which the model no longer computes
+SAME_PADDING = "tensorflow"
+
+
+def check_same_padding(cfg, path="checkpoint"):
+    """CheckpointError if ``cfg`` is the config of an FCN checkpoint trained before its TensorFlow padding."""
+    if checkpoint_model(cfg)[0] == DEFAULT_MODEL and cfg.get("same_padding") != SAME_PADDING:
+        raise CheckpointError(f"{path}: an FCN trained before its stride-2 layers were padded as Keras pads them "
+                              f"(TensorFlow's 'same'); these weights would compute another function: train it again")
+
+
 def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
     """Build the model a checkpoint describes and load its weights: the EMA weights when the run kept an EMA
     (those are the ones it validated) unless ``ema`` is False; CheckpointError if they do not fit."""
@@ -214,6 +227,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
         name, options = checkpoint_model(cfg)
     except KeyError as e:
         raise CheckpointError(f"{path}: checkpoint config names no model and lacks {e}") from None
+    check_same_padding(cfg, path)
     try:
         with torch.device("meta"):  # no initialisation to throw away (half a second for the FCN's kernels)
             model = build_model(name, cfg["n_classes"], **options)

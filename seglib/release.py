@@ -5,6 +5,7 @@ as a path or a URL (hubconf.py, evaluate.py)."""
 import os
 from pathlib import Path
 from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 
@@ -54,18 +55,22 @@ def is_url(weights):
 
 def read_release(weights, model_dir=None):
     """The checkpoint-like dict of a release file at a path or URL. A URL is downloaded once to torch.hub's
-    cache (or ``model_dir``) and its SHA-256 checked against its name; a path's is checked by load_checkpoint."""
+    cache (or ``model_dir``); the file, downloaded or cached, is then read as a path is: its SHA-256 checked
+    against its name every time, its contents loaded with weights_only."""
     if not is_url(weights):
         return load_checkpoint(weights)
+    name = Path(urlparse(str(weights)).path).name
+    cached = Path(model_dir or Path(torch.hub.get_dir()) / "checkpoints") / name
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(str(weights), str(cached), progress=True)  # via a temporary name
+        except (URLError, OSError, ValueError) as e:
+            raise CheckpointError(f"{weights}: cannot download ({getattr(e, 'reason', e)})") from None
     try:
-        state = torch.hub.load_state_dict_from_url(str(weights), model_dir=model_dir, map_location="cpu",
-                                                   check_hash=True, weights_only=True)
-    except RuntimeError as e:  # torch.hub's "invalid hash value", or a file that is no checkpoint
-        raise CheckpointError(f"{weights}: {str(e).strip().splitlines()[0]}") from None
-    except (URLError, OSError) as e:
-        raise CheckpointError(f"{weights}: cannot download ({getattr(e, 'reason', e)})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{weights}: not released weights of this project (no 'model' and 'config')")
+        state = load_checkpoint(cached)
+    except CheckpointError as e:
+        raise CheckpointError(f"{weights}: {str(e).removeprefix(f'{cached}: ')} (cached as {cached})") from None
     return state
 
 

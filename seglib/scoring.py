@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model_utils import get_device, load_checkpoint
+from model_utils import get_device
 from seglib.errors import DataError
-from seglib.files import write_json
+from seglib.files import output_names, write_json
 from seglib.inference import evaluate_model, input_dtype, tta_cost, tta_views
+from seglib.keras_weights import load_weights_file
 from seglib.annotations import split_of
 from seglib.loaders import build_loader, make_dataset
 from seglib.metrics import format_metrics_table
@@ -17,8 +18,8 @@ from seglib.registry import has_ema, model_from_checkpoint
 
 
 def load_model(weights, device, ema=True):
-    """(model in eval mode on ``device``, checkpoint) from a checkpoint path; ``ema`` False loads the trained
-    weights of a checkpoint that also carries EMA weights.
+    """(model in eval mode on ``device``, checkpoint) from a checkpoint path, or from a Keras HDF5 weights file
+    of the book's FCN; ``ema`` False loads the trained weights of a checkpoint that also carries EMA weights.
 
     A ``.onnx`` file from export.py gives an OnnxModel (run by onnxruntime on the CPU) and a checkpoint-like
     dict of its metadata: the config, and the split's validation fraction and seed as ``args``.
@@ -28,7 +29,7 @@ def load_model(weights, device, ema=True):
 
         model = OnnxModel(weights)
         return model, {"config": model.config, "args": model.train_split}
-    ckpt = load_checkpoint(weights)
+    ckpt = load_weights_file(weights)  # a .h5 file is the book's own Keras FCN
     model = model_from_checkpoint(ckpt, weights, ema).to(device).eval()
     return model, ckpt
 
@@ -70,8 +71,8 @@ def evaluate_checkpoint(weights, data_path, split="test", batch_size=4, workers=
         write_json(metrics, json_path)
     ann = dataset.annotations
     if save_predictions:
-        for name, pred in zip(ann.filenames, predictions):
-            save_mask_png(pred, Path(save_predictions) / f"{Path(name).stem}.png")
+        for name, pred in zip(output_names(ann.filenames), predictions):  # sub1/a.jpg and sub2/a.jpg kept apart
+            save_mask_png(pred, Path(save_predictions) / f"{name}.png")
     if figures_dir:
         ious = [float(v) for v in metrics_acc.image_ious]
         picks = np.random.default_rng(seed).choice(len(ann), size=min(n_figures, len(ann)), replace=False)

@@ -142,3 +142,15 @@ def test_memory_rule_and_fallback_line(striped, monkeypatch):
     assert not on and "exceeds a quarter" in line and "using the data loader" in line
     uncached = dg.SegmentationDataset(striped, None, cache_images=False)
     assert dd.data_on_device(True, CPU, [uncached])[0] is False
+
+
+def test_augmentation_seeds_only_the_cpu_generator(striped, monkeypatch):
+    """torch.manual_seed also reseeds every GPU, whose state fork_rng(devices=[]) does not restore: dropout in the
+    torchvision models would then draw from the augmentation's seeds. Both augmentation paths leave GPUs alone."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    dataset, sampler, device = _pair(striped, "full", True)
+    state = torch.get_rng_state()
+    key = next(iter(sampler))
+    dataset[key], device.sample(key)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)  # the CPU's own state is put back too

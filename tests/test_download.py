@@ -158,7 +158,7 @@ def test_cli_archive_flag_with_the_published_checksums(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'drinks.tar.gz'}: segmentation_train.json has SHA-256 "
         f"{hashlib.sha256(json.dumps({'_via_img_metadata': {}}).encode()).hexdigest()}, "
-        f"expected {dl.JSON_SHA256['segmentation_train.json']}"]
+        f"expected {dl.published_checksums()['segmentation_train.json']}"]
     assert not (tmp_path / "d").exists()
 
 
@@ -175,3 +175,63 @@ def test_existing_dataset_is_not_downloaded_again(tmp_path):
     target.mkdir()
     (target / "segmentation_train.json").write_text("{}")
     assert dl.download_drinks(target, ["http://127.0.0.1:9/never"], {}) == target
+
+
+def test_truncated_archive_is_one_line_removed_and_the_next_mirror_is_tried(server, tmp_path):
+    root, url = server
+    sums = _archive(root / "good.tar.gz", extra=[("drinks/big.bin", bytes(range(256)) * 4000)])
+    whole = (root / "good.tar.gz").read_bytes()
+    (root / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])  # gzip ends early: EOFError inside tarfile
+    target = tmp_path / "dataset" / "drinks"
+    with pytest.raises(DataError, match=r"cut.tar.gz: cannot extract archive safely \((EOFError|ReadError)"):
+        dl.download_drinks(target, [f"{url}/cut.tar.gz"], sums)
+    assert not (target.parent / "drinks.tar.gz").exists() and not target.exists()
+    assert dl.download_drinks(target, [f"{url}/cut.tar.gz", f"{url}/good.tar.gz"], sums) == target
+
+
+def _link(tar, name, to, hard=False):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = (tarfile.LNKTYPE if hard else tarfile.SYMTYPE), to
+    tar.addfile(info)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_every_link_member_is_refused(tmp_path, hard):
+    """A link to a file inside the extraction folder passes tarfile's data filter, and can point outside once
+    the folder is moved into place: the dataset has no links, so none is accepted."""
+    sums = _archive(tmp_path / "a.tar.gz")
+    with tarfile.open(tmp_path / "a.tar.gz") as src, tarfile.open(tmp_path / "b.tar.gz", "w:gz") as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member))
+        _link(dst, "drinks/0000001.jpg", "drinks/0000000.jpg" if hard else "0000000.jpg", hard)
+    target = tmp_path / "dataset" / "drinks"
+    with pytest.raises(DataError, match="b.tar.gz: drinks/0000001.jpg is a link; the drinks archive has none"):
+        dl.download_drinks(target, None, sums, archive=tmp_path / "b.tar.gz")
+    assert not target.exists()
+
+
+def test_archive_size_and_member_count_are_capped(tmp_path, monkeypatch):
+    sums = _archive(tmp_path / "a.tar.gz", extra=[(f"drinks/{i}.txt", b"x" * 100) for i in range(20)])
+    target = tmp_path / "dataset" / "drinks"
+    monkeypatch.setattr(dl, "MAX_MEMBERS", 10)
+    with pytest.raises(DataError, match="a.tar.gz: more than 10 members"):
+        dl.download_drinks(target, None, sums, archive=tmp_path / "a.tar.gz")
+    monkeypatch.setattr(dl, "MAX_MEMBERS", 100)
+    monkeypatch.setattr(dl, "MAX_BYTES", 1000)
+    with pytest.raises(DataError, match="a.tar.gz: unpacks to more than"):
+        dl.download_drinks(target, None, sums, archive=tmp_path / "a.tar.gz")
+    assert not target.exists()
+
+
+def test_every_photo_is_checked_against_the_manifest(tmp_path, drinks):
+    """The manifest names all 1054 files the project reads, and the clean copy matches it; an archive whose
+    photo differs from it is refused, not only one whose JSON files do."""
+    sums = dl.published_checksums()
+    assert len(sums) == 1054 and list(sums)[:2] == ["segmentation_train.json", "segmentation_test.json"]
+    assert all(dl.sha256_of(drinks / name) == digest for name, digest in sums.items())
+    small = {"segmentation_train.json": sums["segmentation_train.json"], "0000000.jpg": sums["0000000.jpg"]}
+    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tar:
+        tar.add(drinks / "segmentation_train.json", "drinks/segmentation_train.json")
+        _add(tar, "drinks/0000000.jpg", b"another photo")
+    with pytest.raises(DataError, match="a.tar.gz: 0000000.jpg has SHA-256"):
+        dl.download_drinks(tmp_path / "d" / "drinks", None, small, archive=tmp_path / "a.tar.gz")

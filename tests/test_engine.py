@@ -1,5 +1,6 @@
-"""seglib/engine.py: the book's optimizer and the CPU time estimate's arithmetic."""
+"""seglib/engine.py: the book's optimizer, the training step and loop, and the CPU time estimate's arithmetic."""
 import argparse
+import sys
 
 import pytest
 import torch
@@ -93,3 +94,41 @@ def test_cpu_estimate_of_a_resumed_run_counts_only_the_epochs_left(monkeypatch):
     assert timed == [(64, 80)]
     assert minutes == pytest.approx((5.12 * 100 + 5.12 * 10 / 2) / 60)
     assert list(epoch_seconds) == [(64, 80)]
+
+
+def test_a_step_frees_the_last_gradients_before_its_forward_pass():
+    """The previous step's gradients are gone when the next forward pass allocates its activations."""
+    model = build_fcn(depth=11, n_layers=1)
+    optimizer = engine.build_optimizer(model, 1e-3, 1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(sum(p.grad is not None for p in m.parameters())))
+    x, y = torch.rand(1, 3, 32, 32), torch.randint(0, 4, (1, 32, 32))
+    for _ in range(2):
+        engine.train_step(model, torch.nn.functional.cross_entropy, optimizer, scaler, x, y, None)
+    assert seen == [0, 0] and all(p.grad is not None for p in model.parameters())
+
+
+def test_a_check_step_reads_the_device_once(monkeypatch):
+    """Every CHECK_EVERY steps the loop checks the loss, reads it for the bar and looks for a stop request: one
+    host sync (``tolist``), no ``item`` or truth test of a device tensor."""
+    model = build_fcn(depth=11, n_layers=1)
+    optimizer = engine.build_optimizer(model, 1e-3, 1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loader = [(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 4, (1, 32, 32)))] * 10
+    args = argparse.Namespace(epochs=1, channels_last=False, output_dir="w", run_name="r")
+    reads = []  # the loop's own reads (the optimizer's CPU step counters are read with item() too)
+
+    def counted(name, original):
+        def read(tensor, *a):
+            if sys._getframe(1).f_code.co_filename == engine.__file__:
+                reads.append(name)
+            return original(tensor, *a)
+        return read
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    stop = engine.StopRequest()
+    state, step, stopped = engine.train_one_epoch(
+        model, torch.nn.functional.cross_entropy, optimizer, scaler, loader, torch.device("cpu"), 0, args, None,
+        stop, 0, torch.zeros(2, dtype=torch.float64), False, 1, lambda s: 1e-3)
+    assert (step, stopped) == (10, False) and reads == ["tolist"]

@@ -43,8 +43,13 @@ def _test_images(drinks, n):
 
 
 def test_export_checks_agreement_and_writes_only_the_file(trained):
-    _, onnx_path, result = trained
-    assert result["argmax_agreement"] >= 0.999 and result["max_abs_logit_diff"] < 1e-2
+    weights, onnx_path, result = trained
+    ckpt = load_checkpoint(weights)
+    images, _ = export.check_images(ROOT / "no-such-folder", ckpt["config"], 4)  # any images: only the scale
+    with torch.no_grad():
+        scale = model_from_checkpoint(ckpt, weights).eval()(images).abs().max().item()
+    # float32 rounding scales with the logits: a one-epoch model's reach 1e5 (BatchNorm statistics barely moved)
+    assert result["argmax_agreement"] >= 0.999 and result["max_abs_logit_diff"] < 1e-5 * scale
     assert onnx_path.is_file() and not list(onnx_path.parent.glob(".*.tmp"))
     onnx.checker.check_model(str(onnx_path))
 
@@ -63,7 +68,9 @@ def test_onnxruntime_matches_pytorch_float32(trained, drinks, size, batch):
     logits, labels = session.session.run(None, {"images": x.numpy()})
     assert logits.shape == (batch, 4, *size) and labels.shape == (batch, *size) and labels.dtype == np.int64
     np.testing.assert_array_equal(labels, logits.argmax(1))
-    torch.testing.assert_close(torch.from_numpy(logits), reference, atol=2e-3, rtol=1e-3)
+    # float32 rounding scales with the logits: a one-epoch model's reach 1e5 (BatchNorm statistics barely moved)
+    torch.testing.assert_close(torch.from_numpy(logits), reference, atol=1e-5 * reference.abs().max().item(),
+                               rtol=1e-3)
     assert (labels == reference.argmax(1).numpy()).mean() >= 0.999
 
 

@@ -117,6 +117,7 @@ def _small_model():
 def test_compiled_step_matches_the_eager_step(tmp_path):
     eager = _small_model()
     compiled = copy.deepcopy(eager)
+    counters.clear()
     loss_fn = LossFunction(compiled, F.cross_entropy, None, backend="aot_eager")
     optimizers = [build_optimizer(m, 1e-3, 1e-4) for m in (eager, compiled)]
     scaler = make_grad_scaler(torch.device("cpu"), None)
@@ -126,10 +127,18 @@ def test_compiled_step_matches_the_eager_step(tmp_path):
         y = torch.randint(0, 4, (2, 32, 48), generator=gen)
         a = train_step(eager, F.cross_entropy, optimizers[0], scaler, x, y, None)
         b = train_step(compiled, None, optimizers[1], scaler, x, y, None, loss_fn)
-        assert b.item() == pytest.approx(a.item(), rel=1e-4)
-        if step == 0:  # Adam turns float-rounding gradient noise into lr-sized steps, so compare its input
+        if step == 0:  # the same weights: the loss and its gradients agree up to float rounding
+            assert b.item() == pytest.approx(a.item(), rel=1e-5)
+            # rounding in a deep backward pass scales with the largest gradients (a bias before a BatchNorm has
+            # a zero gradient, made of rounding alone)
+            scale = max(p.grad.abs().max().item() for p in eager.parameters())
             for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-                assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-6), name
+                assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5 * scale), name
+        else:  # Adam turns rounding-sized gradient differences into lr-sized steps (a tiny gradient's sign decides
+            # its step), so the weights, and the losses after them, drift apart by an amount that depends on the
+            # CPU's kernels (AMX rounds otherwise than AVX-512): only a loose check is meaningful here
+            assert b.item() == pytest.approx(a.item(), rel=2e-2)
+    assert counters["stats"]["unique_graphs"] == 1  # the step did run through a compiled graph
 
 
 def test_compiled_run_compiles_once_per_progressive_size(tmp_path, drinks, capsys):

@@ -157,7 +157,8 @@ def test_fused_batchnorm_gives_the_same_output():
     with torch.inference_mode():
         ref = m(x)
         fused = m.fuse_bn_()(x)
-    assert torch.allclose(ref, fused, rtol=1e-4, atol=1e-4)
+    # float32 rounding grows with the logits' size (tens here, from the classifier's Keras initialisation)
+    assert torch.allclose(ref, fused, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 def test_summary_prints_shapes_and_counts(capsys):
@@ -170,18 +171,19 @@ def test_summary_prints_shapes_and_counts(capsys):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_transposed_conv_matches_the_stock_layer(dtype):
     torch.manual_seed(0)
-    ours = ConvTranspose2d(8, 6, 3, 2, padding=1, output_padding=1)
+    ours = ConvTranspose2d(8, 6, 3, 2)
     nn.init.normal_(ours.bias)  # the zero init would hide a dropped bias
-    stock = nn.ConvTranspose2d(8, 6, 3, 2, padding=1, output_padding=1)
-    stock.load_state_dict(ours.state_dict())
+    full = nn.ConvTranspose2d(8, 6, 3, 2)  # the whole transposed conv, (2 * 5 + 1) x (2 * 7 + 1)
+    full.load_state_dict(ours.state_dict())
+    stock = lambda x: full(x)[..., :10, :14]  # TensorFlow's 'same' keeps the first 2H x 2W  # noqa: E731
     x = torch.randn(2, 8, 5, 7)
     grads = []
-    for layer in (ours, stock):
+    for layer, params in ((ours, ours), (stock, full)):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             y = layer(x)
         assert y.shape == (2, 6, 10, 14) and y.dtype == (dtype or torch.float32)
         y.float().square().sum().backward()
-        grads.append((y, layer.weight.grad, layer.bias.grad))
+        grads.append((y, params.weight.grad, params.bias.grad))
     with torch.no_grad():  # without a bias gradient our layer takes the fused-bias path; it matches the stock one
         torch.testing.assert_close(ours(x), stock(x))
     for a, b in zip(*grads):
@@ -219,8 +221,9 @@ def test_frozen_inference_fuses_convs_and_matches_eager_for_any_batch_size():
     with torch.inference_mode():
         for batch in (2, 3):  # a short last batch runs through the same graph
             x = torch.rand(batch, 3, 64, 96)
-            torch.testing.assert_close(frozen(x.contiguous(memory_format=torch.channels_last)), m(x),
-                                       rtol=1e-4, atol=1e-4)
+            ref = m(x)  # float32 rounding scales with the logits, tens here (the Keras classifier's init)
+            torch.testing.assert_close(frozen(x.contiguous(memory_format=torch.channels_last)), ref,
+                                       rtol=1e-4, atol=1e-5 * ref.abs().max().item())
         with torch.profiler.profile() as prof:
             frozen(x.contiguous(memory_format=torch.channels_last))
     # freezing took effect: the convs run as oneDNN convs with their ReLU / residual add fused in

@@ -70,7 +70,8 @@ def test_folding_also_folds_the_sync_batchnorm_of_a_sync_bn_run(name):
         return sum(isinstance(b, torch.nn.modules.batchnorm._BatchNorm) for b in m.modules())
     assert left(fused) == left(copy.deepcopy(model).fuse_bn_()) < left(model)
     x = torch.rand(2, 3, 64, 96)
-    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    ref = model(x)  # float32 rounding scales with the logits, tens here (the Keras classifier's init)
+    torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -125,15 +126,18 @@ def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drink
         _tiny_run(tmp_path, drinks, "--resume", "--epochs", "2", "--model", "fcn_resnet56v2")
 
 
-def test_checkpoint_written_before_the_registry_loads_as_the_books_fcn(tmp_path):
+def test_checkpoint_written_before_the_registry_reads_as_the_books_fcn(tmp_path):
     torch.manual_seed(0)
     model = build_fcn(depth=11, n_layers=2).eval()
-    # exactly what train.checkpoint_state wrote before models had names
+    # exactly what train.checkpoint_state wrote before models had names (and before the TensorFlow padding)
     old_config = {"n_classes": 4, "depth": 11, "n_layers": 2, "height": 32, "width": 40,
                   "class_names": ["background", "Water", "Soda", "Juice"]}
     mu.save_checkpoint({"model": model.state_dict(), "config": old_config}, tmp_path / "old.pt")
     ckpt = mu.load_checkpoint(tmp_path / "old.pt")
     assert registry.checkpoint_model(ckpt["config"]) == ("fcn_resnet56v2", {"depth": 11, "n_layers": 2})
+    with pytest.raises(CheckpointError, match=r"old.pt: an FCN trained before its stride-2 layers were padded"):
+        registry.model_from_checkpoint(ckpt, tmp_path / "old.pt")
+    ckpt["config"]["same_padding"] = registry.SAME_PADDING  # as every checkpoint written since says
     loaded = registry.model_from_checkpoint(ckpt, tmp_path / "old.pt").eval()
     x = torch.rand(1, 3, 32, 40)
     with torch.no_grad():

@@ -79,10 +79,33 @@ def test_a_file_whose_hash_does_not_match_its_name_is_refused(release, tmp_path)
     shutil.copy(release["output"], wrong)
     with pytest.raises(CheckpointError, match="SHA-256 does not start with the 00000000 in its name"):
         load_checkpoint(wrong)
-    with pytest.raises(CheckpointError, match="invalid hash value"):
+    with pytest.raises(CheckpointError, match="SHA-256 does not start with the 00000000 in its name"):
         hubconf.fcn_resnet56v2(weights=wrong.as_uri())
     out = subprocess.run([sys.executable, "evaluate.py", "--weights", str(wrong), "--device", "cpu"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
         f"error: {wrong}: its SHA-256 does not start with the 00000000 in its name (a damaged or altered file); "
         f"download or export it again"]
+
+
+def test_a_cached_download_is_checked_every_time_whatever_its_suffix(release, tmp_path):
+    url = export.Path(release["output"]).as_uri()
+    hubconf.fcn_resnet56v2(weights=url)  # downloaded into torch.hub's cache, and checked
+    cached = export.Path(torch.hub.get_dir()) / "checkpoints" / export.Path(release["output"]).name
+    data = bytearray(cached.read_bytes())
+    data[-100] ^= 1  # damaged in the cache after the download
+    cached.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{re.escape(url)}: its SHA-256 does not start with"):
+        hubconf.fcn_resnet56v2(weights=url)
+    upper = tmp_path / "fcn-drinks-00000000.PT"
+    shutil.copy(release["output"], upper)
+    with pytest.raises(CheckpointError, match="PT: its SHA-256 does not start with the 00000000"):
+        load_checkpoint(upper)
+
+
+def test_a_url_to_a_pickle_is_one_line_and_runs_nothing(tmp_path):
+    import pickle
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": print, "config": {}}))  # a function: not weights
+    with pytest.raises(CheckpointError, match=r"evil.pt: not a readable checkpoint \(Weights only load failed"):
+        hubconf.fcn_resnet56v2(weights=(tmp_path / "evil.pt").as_uri())

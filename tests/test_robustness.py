@@ -4,9 +4,12 @@ written or lost. The scripts run in this process through their own entry point (
 import json
 import re
 import shutil
+import struct
 import sys
+import zlib
 
 import pytest
+from PIL import Image
 
 import benchmark
 import curves
@@ -14,7 +17,8 @@ import data_generator
 import evaluate
 import export
 import train
-from seglib.errors import run_cli
+from seglib.errors import DataError, run_cli
+from seglib.files import image_size, output_names, read_image
 
 SCRIPTS = {"train": train, "evaluate": evaluate, "export": export, "benchmark": benchmark, "curves": curves,
            "data_generator": data_generator}
@@ -46,6 +50,9 @@ ROWS = [
     ("train", ["--progressive", "64:0.5"], 2, "argument --progressive: expected HxW:UNTIL such as 64x96:0.5"),
     ("train", ["--progressive", "64x96:1.5"], 2, "argument --progressive: '64x96:1.5': sizes must be at least 32"),
     ("train", ["--tta", "scale"], 2, "argument --tta: invalid choice: 'scale'"),
+    ("train", ["--run-name", "../../x"], 1, "--run-name ../../x: a run name is one folder name"),
+    ("train", ["--run-name", "{tmp}/abs"], 1, "abs: a run name is one folder name"),
+    ("train", ["--run-name", ".."], 1, "--run-name ..: a run name is one folder name"),
     ("train", ["--data-path", "{tmp}/missing"], 1, "missing: data folder not found"),
     ("train", ["--data-path", "{file}"], 1, "file.txt: is a file; --data-path takes the folder"),
     ("train", ["--output-dir", "{file}"], 1, "file.txt.*(Not a directory|File exists)"),
@@ -211,3 +218,45 @@ def test_export_without_the_dataset_checks_on_seeded_random_images(finished_run,
         str(tmp_path / "no-dataset-here")]))
     assert result["checked_on"].startswith("4 seeded random images")
     assert result["argmax_agreement"] >= 0.999 and (tmp_path / "m.onnx").is_file()
+
+
+def test_image_outputs_stay_inside_their_folder_and_apart(finished_run, drinks, tmp_path, monkeypatch, capsys):
+    """``folder/..jpg`` once wrote ``out-mask.png`` beside ``out``; ``sub1/a.jpg`` and ``sub2/a.jpg`` share a stem."""
+    photo = sorted(drinks.glob("*.jpg"))[0].read_bytes()
+    for name in ("folder/..jpg", "sub1/a.jpg", "sub2/a.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(photo)
+    out = tmp_path / "out"
+    code, _, err, _ = _run_script("evaluate", ["--weights", str(finished_run / "best.pt"), "--output-dir", str(out),
+                                               "--image-file", *(str(tmp_path / n) for n in
+                                                                 ("folder/..jpg", "sub1/a.jpg", "sub2/a.jpg"))],
+                                  monkeypatch, capsys)
+    assert code in (0, None), err
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert all(p.startswith("out/") and not p.split("/")[-1].startswith(".") for p in written), written
+    assert len(written) == 6  # a mask and an overlay of each photo
+
+
+def test_output_names_are_one_visible_component_each():
+    names = output_names(["folder/..jpg", "sub1/a.jpg", "sub2/a.jpg", "x/.hidden.png", "y/../b c.jpg", "a.b/..."])
+    assert names[1:3] == ["sub1-a-jpg", "sub2-a-jpg"] and len(set(names)) == len(names)
+    assert all(n not in ("", ".", "..") and "/" not in n and not n.startswith(".") for n in names), names
+
+
+def _png_header(width, height):
+    """A PNG of a few dozen bytes that declares ``width`` x ``height`` pixels (and holds almost no pixel data)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_an_image_larger_than_a_photo_is_one_line(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header(40000, 40000))  # 1.6 gigapixels in a few dozen bytes
+    with pytest.raises(DataError, match=r"bomb.png: over the 60 megapixels of the largest photos \(Image size"):
+        image_size(tmp_path / "bomb.png")
+    Image.new("L", (9500, 9500)).save(tmp_path / "big.png")  # a small file that decodes to 90 megapixels
+    with pytest.raises(DataError, match=r"big.png: 9500x9500 pixels, over the 60 megapixels"):
+        read_image(tmp_path / "big.png")
+    Image.new("RGB", (640, 480)).save(tmp_path / "photo.png")
+    assert image_size(tmp_path / "photo.png") == (480, 640) and read_image(tmp_path / "photo.png").shape == (480, 640, 3)

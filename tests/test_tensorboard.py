@@ -54,3 +54,19 @@ def test_event_file_holds_the_metrics_once_each_after_a_resume(tmp_path, drinks)
     assert acc.Scalars("train/lr")[0].value == pytest.approx(1e-3)
     images = acc.Images("val/predictions")
     assert [e.step for e in images] == [steps, 2 * steps] and images[0].width > 0
+
+
+def test_the_last_figure_written_in_the_background_goes_into_the_one_log(tmp_path, drinks, monkeypatch):
+    """With checkpoints and figures written from a thread (as on a GPU), the log stays open until the writer's
+    last job, the last epoch's figure, is done: one event file, holding both epochs' figures."""
+    import time
+
+    from seglib import tensorboard_log
+
+    grid = tensorboard_log.prediction_grid
+    monkeypatch.setattr(tensorboard_log, "prediction_grid", lambda *a, **k: (time.sleep(1.0), grid(*a, **k))[1])
+    _run(tmp_path, drinks, "--epochs", 2, "--save-in-background")
+    log = tmp_path / "weights" / "run" / "tb"
+    assert len(list(log.glob("events.out.tfevents.*"))) == 1
+    steps = 24 // 2
+    assert [e.step for e in _events(log).Images("val/predictions")] == [steps, 2 * steps]
