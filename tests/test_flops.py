@@ -19,11 +19,13 @@ def test_grouped_conv_backward_flops_are_counted_once():
 
 def test_flops_are_counted_on_the_meta_device_at_any_size():
     """Counting allocates nothing: at 4800x6400 real tensors would need tens of GB. Convolution FLOPs grow with the
-    pixels, so the count is 2500 times the one at 96x128 (13.38 / 40.13 GFLOPs, counted on real tensors before)."""
+    pixels, so the count is about 2500 times the one at 96x128 (13.85 / 41.54 GFLOPs, counted on real tensors before)."""
     small = flops.model_gflops("fcn_resnet56v2", 96, 128)
-    assert small == pytest.approx((13.38, 40.13), abs=0.01)
+    assert small == pytest.approx((13.85, 41.54), abs=0.01)
     large = flops.model_gflops("fcn_resnet56v2", 4800, 6400)
-    assert large == pytest.approx((2500 * small[0], 2500 * small[1]), rel=1e-3)
+    # the head's transposed convs read one padded row and column more (resnet.py), a share that shrinks with size
+    assert large == pytest.approx((2500 * small[0], 2500 * small[1]), rel=0.04)
+    assert large[0] < 2500 * small[0]
 
 
 def test_byte_counter_counts_what_each_operator_reads_and_writes():

@@ -82,7 +82,7 @@ def test_modules_are_small_and_say_their_job(graph):
     _, modules = graph
     for name, path in modules.items():
         text = path.read_text()
-        assert len(text.splitlines()) < 400, f"{path.name} has {len(text.splitlines())} lines"
+        assert len(text.splitlines()) <= 600, f"{path.name} has {len(text.splitlines())} lines"
         assert ast.get_docstring(ast.parse(text)), f"{name} has no module docstring"
 
 

@@ -10,13 +10,13 @@ import torch
 import model_utils as mu
 from fcn import build_fcn
 from seglib.errors import CheckpointError
-from seglib.registry import model_from_checkpoint
+from seglib.registry import SAME_PADDING, model_from_checkpoint
 
 
 def _state(n_layers=1):
     model = build_fcn(depth=11, n_layers=n_layers)
     cfg = {"n_classes": 4, "depth": 11, "n_layers": n_layers, "height": 32, "width": 40,
-           "class_names": ["background", "Water", "Soda", "Juice"]}
+           "class_names": ["background", "Water", "Soda", "Juice"], "same_padding": SAME_PADDING}
     return model, {"model": model.state_dict(), "config": cfg}
 
 
