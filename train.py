@@ -117,7 +117,7 @@ def get_args_parser():
     p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the decoded training and validation images on the device and augment them there "
                         "(the same augmentation as the loader's, from the same seeds); default: on for CUDA when "
-                        "they fit in a quarter of its memory, off elsewhere")
+                        "they fit in a quarter of its free memory, off elsewhere")
     p.add_argument("--save-every", type=int, default=1, metavar="N",
                    help="write last.pt every N epochs (and at the last; best.pt whenever validation improves)")
     p.add_argument("--save-in-background", action=argparse.BooleanOptionalAction, default=None,

@@ -178,17 +178,18 @@ def decoded_bytes(*datasets):
 def data_on_device(choice, device, datasets):
     """Whether to keep ``datasets`` on ``device``, and a line saying why not when asked for (``choice`` True) or
     by default (None: on for CUDA) but impossible. On a GPU the decoded data may take a DEVICE_SHARE of its
-    memory; on the CPU the tensors share the cache's memory."""
+    free memory; on the CPU the tensors share the cache's memory."""
     if choice is False or (choice is None and device.type != "cuda"):
         return False, None
     size = decoded_bytes(*datasets)
     if size is None:
         return False, "--data-on-device: the images are not cached in memory; using the data loader"
     if device.type == "cuda":
-        limit = torch.cuda.get_device_properties(device).total_memory * DEVICE_SHARE
+        free, _ = torch.cuda.mem_get_info(device)  # what other processes (or this one) already hold is not there
+        limit = free * DEVICE_SHARE
         if size > limit:
             return False, (f"--data-on-device: the decoded data ({size / 2**30:.2f} GiB) exceeds a quarter of "
-                           f"{device}'s memory ({limit / 2**30:.2f} GiB); using the data loader")
+                           f"{device}'s free memory ({limit / 2**30:.2f} GiB); using the data loader")
     elif device.type != "cpu":
         return False, f"--data-on-device: not supported on {device.type}; using the data loader"
     return True, None

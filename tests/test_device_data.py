@@ -132,14 +132,12 @@ def test_memory_rule_and_fallback_line(striped, monkeypatch):
     assert dd.data_on_device(True, CPU, [dataset]) == (True, None)
     assert dd.data_on_device(False, torch.device("cuda"), [dataset]) == (False, None)
 
-    class Properties:
-        total_memory = 4 * n_bytes
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
+    memory = {"free": 4 * n_bytes, "total": 100 * n_bytes}  # a GPU that other work already fills
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], memory["total"]))
     assert dd.data_on_device(None, torch.device("cuda"), [dataset]) == (True, None)  # exactly a quarter
-    Properties.total_memory = 4 * n_bytes - 1
+    memory["free"] = 4 * n_bytes - 1  # a quarter of the total would still hold it 25 times
     on, line = dd.data_on_device(None, torch.device("cuda"), [dataset])
-    assert not on and "exceeds a quarter" in line and "using the data loader" in line
+    assert not on and "exceeds a quarter of cuda's free memory" in line and "using the data loader" in line
     uncached = dg.SegmentationDataset(striped, None, cache_images=False)
     assert dd.data_on_device(True, CPU, [uncached])[0] is False
 
