@@ -19,6 +19,7 @@ and batch.
 """
 import argparse
 import copy
+import gc
 import json
 import resource
 import tempfile
@@ -362,6 +363,15 @@ def rounded(value):
     return round(value, 4) if isinstance(value, float) else value
 
 
+def release_device_memory(device):
+    """Hand back what this process holds on ``device``: the compiled graphs (CUDA graphs' memory pools among
+    them) and the allocator's cached blocks. Nothing to do on the CPU."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.compiler.reset()
+        torch.cuda.empty_cache()
+
+
 def main(args):
     """Run every measurement and print a table or one JSON line."""
     check_flags(args, [at_least("--height", 32), at_least("--width", 32), at_least("--batch-size", 1),
@@ -381,6 +391,7 @@ def main(args):
     if args.profile and not args.data_only:
         r["profile"] = measure_profile(args, device)
     if args.epoch:
+        release_device_memory(device)  # train.py, a child process, needs the GPU memory this one cached
         r.update(time_epochs(Path(__file__).resolve().parent / "train.py", args.data_path, args.height, args.width,
                              args.batch_size, args.epoch_count, str(device), args.epoch_limit, args.epoch_flags))
     try:

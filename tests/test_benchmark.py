@@ -98,3 +98,22 @@ def test_gpu_defaults_time_long_enough_and_compile_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert benchmark.datasheet_gflops(gpu) == 756e3
     assert benchmark.datasheet_gflops(cpu) is None
+
+
+def test_epoch_timing_starts_after_this_process_gives_its_device_memory_back(monkeypatch, tmp_path):
+    """``--epoch`` runs train.py as a child process: on a GPU it must find the memory (cached blocks, CUDA graph
+    pools) that the measurements in this process held."""
+    events = []
+    monkeypatch.setattr(benchmark, "measure_model", lambda args, device, r: events.append("measured"))
+    monkeypatch.setattr(benchmark, "release_device_memory", lambda device: events.append(("released", device.type)))
+    monkeypatch.setattr(benchmark, "time_epochs", lambda *a, **k: events.append("epochs") or {})
+    args = benchmark.get_args_parser().parse_args(["--device", "cpu", "--epoch", "--data-path", str(tmp_path),
+                                                   "--json"])
+    benchmark.main(args)
+    assert events == ["measured", ("released", "cpu"), "epochs"]
+    monkeypatch.undo()  # the real release_device_memory, with the CUDA calls it makes recorded
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("reset"))
+    benchmark.release_device_memory(torch.device("cuda"))
+    assert calls == ["reset", "empty_cache"]
