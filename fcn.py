@@ -2,9 +2,11 @@
 
 A ResNet-v2 backbone (resnet.py) feeds a feature pyramid. Every pyramid level but the first goes through a 3x3
 conv-BN-ReLU to 256 channels and is resized bilinearly to exactly the size of the 1/4 map, then all levels are
-concatenated, upsampled x2 twice by 3x3 stride-2 transposed conv-BN-ReLU layers and classified per pixel by a
-1x1 conv. Unlike the book's fixed x2, x4, x8 upsampling, the resize targets the 1/4 map's size, so any input of
-32x32 or more works, 480x640 with 4 pyramid layers included. The model returns logits (softmax is in the loss).
+concatenated, upsampled x2 twice by 3x3 stride-2 transposed conv-BN-ReLU layers (cut as Keras's 'same' cuts
+them) and classified per pixel by a 1x1 conv (the book's 1x1 transposed conv). Unlike the book's fixed x2, x4,
+x8 upsampling, the resize targets the 1/4 map's size, so any input of 32x32 or more works, 480x640 with 4
+pyramid layers included; where the book's model builds, both compute the same. The model returns logits
+(softmax is in the loss).
 ``python summary.py`` prints its shapes and parameter counts, as the book's ``model.summary()``.
 """
 import torch

@@ -10,7 +10,9 @@ exactly as the book's Keras code builds it:
 - a final BN-ReLU. The output is 1/4 of the input size with 256 channels.
 
 The feature pyramid turns that map into ``n_layers + 1`` levels: the map itself (1/4), its 2x2 average pool
-(1/8), then ``n_layers - 1`` 3x3 stride-2 conv-BN-ReLU layers of 512 channels (1/16, 1/32, ...).
+(1/8), then ``n_layers - 1`` 3x3 stride-2 conv-BN-ReLU layers of 512 channels (1/16, 1/32, ...). Every conv
+and transposed conv with a stride of 2 and a kernel above 1 is padded by TensorFlow's 'same' rule, as the book's
+Keras layers are (``Conv2dSame``, ``ConvTranspose2d``): with the same weights, the same function.
 
 Keras defaults that matter are reproduced: he_normal conv kernels (truncated normal, std sqrt(2 / fan_in)),
 zero biases, BatchNorm momentum 0.99 (PyTorch 0.01) and epsilon 1e-3. The ResNet's conv kernels carry the
