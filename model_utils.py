@@ -102,6 +102,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: its 'config' and 'model' entries are not dicts")
     missing = [k for k in CONFIG_KEYS if k not in ckpt["config"]]
     if missing:
         raise CheckpointError(f"{path}: checkpoint config lacks {', '.join(missing)}")

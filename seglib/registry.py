@@ -193,8 +193,8 @@ def load_backbone_(model, name, state, source="state_dict"):
 
 
 def has_ema(ckpt):
-    """Whether a checkpoint carries EMA weights (train.py --ema)."""
-    return isinstance(ckpt.get("ema"), dict)
+    """Whether a checkpoint carries EMA weights (train.py --ema): an ``ema`` entry holding a ``model``."""
+    return isinstance(ckpt.get("ema"), dict) and isinstance(ckpt["ema"].get("model"), dict)
 
 
 def checkpoint_model(cfg):
@@ -227,6 +227,11 @@ def model_from_checkpoint(ckpt, path="checkpoint", ema=True):
         name, options = checkpoint_model(cfg)
     except KeyError as e:
         raise CheckpointError(f"{path}: checkpoint config names no model and lacks {e}") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: checkpoint config's model_options is not a dict") from None
+    if not isinstance(name, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in options.values()):
+        raise CheckpointError(f"{path}: checkpoint config's model {name!r} or its options {options!r} are not a "
+                              f"name and whole numbers")
     check_same_padding(cfg, path)
     try:
         with torch.device("meta"):  # no initialisation to throw away (half a second for the FCN's kernels)

@@ -143,3 +143,23 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, mon
     with pytest.raises(OSError, match="No space left"):
         mu.save_checkpoint({"model": {}, "config": {}}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_malformed_checkpoint_entries_are_one_line_each(tmp_path):
+    """A config that is a list, a model option that is a string, model options that are no dict: a clear
+    CheckpointError naming the file. An ``ema`` entry without weights is no EMA: the trained weights load."""
+    model, state = _state()
+    cases = {"list": {**state, "config": [1, 2]},
+             "string": {**state, "config": {**state["config"], "model": "fcn_resnet56v2",
+                                            "model_options": {"depth": "11", "n_layers": 1}}},
+             "options": {**state, "config": {**state["config"], "model": "fcn_resnet56v2", "model_options": "deep"}}}
+    messages = {"list": "list.pt: its 'config' and 'model' entries are not dicts",
+                "string": "string.pt: checkpoint config's model 'fcn_resnet56v2' or its options",
+                "options": "options.pt: checkpoint config's model_options is not a dict"}
+    for name, bad in cases.items():
+        mu.save_checkpoint(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=messages[name]):
+            model_from_checkpoint(mu.load_checkpoint(tmp_path / f"{name}.pt"), tmp_path / f"{name}.pt")
+    mu.save_checkpoint({**state, "ema": {"decay": 0.99}}, tmp_path / "ema.pt")
+    loaded = model_from_checkpoint(mu.load_checkpoint(tmp_path / "ema.pt"), tmp_path / "ema.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
