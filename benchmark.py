@@ -19,7 +19,6 @@ and batch.
 """
 import argparse
 import copy
-import gc
 import json
 import resource
 import tempfile
@@ -35,7 +34,7 @@ from model_utils import (amp_dtype, default_workers, get_device, inference_model
 from resnet import L2_WEIGHT, ConvTranspose2d
 from seglib.compiled import COMPILE_MODES, LossFunction, synchronize
 from seglib.engine import build_optimizer, train_step
-from seglib.epoch_timing import format_epochs, time_epochs
+from seglib.epoch_timing import format_epochs, release_device_memory, time_epochs
 from seglib.errors import DataError, at_least, check_flags, run_cli
 from seglib.flops import model_gflops, training_gbytes
 from seglib.inference import to_input
@@ -93,10 +92,7 @@ def matmul_peak_gflops(device, dtype):
 
 
 class StockConvTranspose2d(nn.ConvTranspose2d):
-    """A stock ``nn.ConvTranspose2d`` (bias inside the op) given the project's input shift (resnet.py), so it
-    computes Keras's 'same' output as a plain port would."""
-
-    shift = 0
+    """A stock ``nn.ConvTranspose2d`` (bias inside the op) with resnet.py's input shift: Keras's 'same' output."""
 
     def forward(self, x):
         return super().forward(nn.functional.pad(x, (1, 0, 1, 0)) if self.shift else x)
@@ -243,15 +239,12 @@ def get_args_parser():
                         "autotuning runs in them)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
     p.add_argument("--compile", action="store_true", help="the fast training step compiled as train.py --compile does")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode of --compile (reduce-overhead: CUDA graphs)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile the fast training step: time by category, layer group and phase, and idle time")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of --compile")
+    p.add_argument("--profile", action="store_true", help="also profile the fast training step (where its time goes)")
     p.add_argument("--epoch", action="store_true",
                    help="also time whole epochs of train.py itself (data, steps, validation, checkpoint): epoch_s, "
                         "epoch_img_s and book_run_min, the book's 100 epochs in minutes")
-    p.add_argument("--epoch-count", type=int, default=3,
-                   help="epochs train.py runs for --epoch; the first (warm-up) is reported apart")
+    p.add_argument("--epoch-count", type=int, default=3, help="epochs of the --epoch run; the first is reported apart")
     p.add_argument("--epoch-limit", type=int, default=None,
                    help="training images of the --epoch run (default: the whole split, as a user's run)")
     p.add_argument("--epoch-flags", default="",
@@ -265,8 +258,7 @@ def get_args_parser():
                    help="also time the ONNX export under onnxruntime (CPU only)")
     p.add_argument("--data-path", default=default_data_path(), help="dataset for the data pipeline measurement")
     p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="loader worker counts to time the data pipeline with, e.g. 1 2 16 (default: train.py's "
-                        "default)")
+                   help="loader worker counts to time the data pipeline with, e.g. 1 2 16 (default: train.py's)")
     p.add_argument("--data-images", type=int, default=200, help="images to time the data pipeline on, per worker count")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p
@@ -361,15 +353,6 @@ def rounded(value):
     if isinstance(value, dict):
         return {k: rounded(v) for k, v in value.items()}
     return round(value, 4) if isinstance(value, float) else value
-
-
-def release_device_memory(device):
-    """Hand back what this process holds on ``device``: the compiled graphs (CUDA graphs' memory pools among
-    them) and the allocator's cached blocks. Nothing to do on the CPU."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.compiler.reset()
-        torch.cuda.empty_cache()
 
 
 def main(args):

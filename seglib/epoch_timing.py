@@ -1,5 +1,6 @@
 """End-to-end epoch time: train.py itself run for a few epochs (data, steps, validation, checkpoints, curves),
 timed from the wall-clock stamps of its metrics.jsonl, so the figure is what a user's run gets."""
+import gc
 import json
 import shlex
 import subprocess
@@ -7,6 +8,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from seglib.errors import TrainingError
 
@@ -64,3 +67,12 @@ def format_epochs(r):
     return (f"train.py, {r['epochs_timed']} epochs of {r['epoch_train_images']} images: {r['epoch_s']:.2f} s an "
             f"epoch, {r['epoch_img_s']:.1f} img/s end to end (first epoch {r['first_epoch_s']:.1f} s); the book's "
             f"100 epochs: {r['book_run_min']:.1f} min")
+
+
+def release_device_memory(device):
+    """Hand back what this process holds on ``device`` before train.py runs as a child: the compiled graphs
+    (CUDA graphs' memory pools among them) and the allocator's cached blocks. Nothing to do on the CPU."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.compiler.reset()
+        torch.cuda.empty_cache()
