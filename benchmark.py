@@ -32,28 +32,16 @@ from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory, make_grad_scaler,
                          seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
-from seglib.compiled import COMPILE_MODES, LossFunction, synchronize
+from seglib.compiled import COMPILE_MODES, LossFunction
 from seglib.engine import build_optimizer, train_step
 from seglib.epoch_timing import format_epochs, release_device_memory, time_epochs
 from seglib.errors import DataError, at_least, check_flags, run_cli
 from seglib.flops import model_gflops, training_gbytes
 from seglib.inference import to_input
 from seglib.losses import build_criterion
-from seglib.profiling import format_profile, profile_steps
+from seglib.profiling import format_profile, profile_steps, timed
 from seglib.registry import MODELS, build_model, model_options
 from seglib.schedules import BASE_LR
-
-
-def timed(fn, steps, warmup, device):
-    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - t) / steps
 
 
 # Dense bf16 (fp16 where the card has no bf16) tensor-core TFLOP/s from NVIDIA's datasheets, by a part of
@@ -148,7 +136,7 @@ def measure_profile(args, device):
     model, step = training_step(args, device, fast=True)
     for _ in range(max(1, args.warmup)):
         step()
-    return profile_steps(model, step, device, args.steps)
+    return profile_steps(model, step, device, args.steps, by_layer=not args.compile)
 
 
 @torch.inference_mode()

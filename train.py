@@ -26,7 +26,8 @@ from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers,
                          load_checkpoint, make_grad_scaler, restore_grad_scaler, save_checkpoint, seed_everything,
                          set_rng_state)
 from resnet import L2_WEIGHT, zero_init_residual_
-from seglib.checkpoints import BackgroundWriter, check_resume, checkpoint_state, host_copy, save_job, trim_metrics
+from seglib.checkpoints import (BackgroundWriter, check_resume, checkpoint_state, host_copy, load_resumed_weights,
+                                save_job, trim_metrics)
 from seglib.compiled import COMPILE_MODES, LossFunction, load_compile_cache, save_compile_cache
 from seglib.device_data import DeviceTrainLoader, build_loaders
 from seglib.download import ensure_data
@@ -257,6 +258,8 @@ def _train(args, info, device, started):
     if args.pretrained_backbone and ckpt is None:
         state = read_backbone_weights(args.model, args.pretrained_backbone)
         load_backbone_(model, args.model, state, args.pretrained_backbone)
+    if ckpt is not None:  # before anything is written: weights that do not fit leave the run's files as they were
+        load_resumed_weights(model, ckpt["model"], last_path)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -275,7 +278,6 @@ def _train(args, info, device, started):
     start_epoch, start_step, best = 0, 0, -1.0
     loss_state = torch.zeros(2, dtype=torch.float64, device=device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         restore_grad_scaler(scaler, ckpt["scaler"])
         start_epoch, start_step, best = ckpt["epoch"], ckpt["step"], ckpt["best_miou"]

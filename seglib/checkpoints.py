@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from model_utils import rng_state, save_checkpoint
-from seglib.errors import UsageError
+from seglib.errors import CheckpointError, UsageError
 from seglib.files import read_jsonl
 from seglib.registry import SAME_PADDING, model_options
 
@@ -152,3 +152,13 @@ def check_resume(args, ckpt, path):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} {getattr(args, key)}: {path} was trained with {flag} {saved[key]}; resume "
                              f"with the same value (only --epochs may change)")
+
+
+def load_resumed_weights(model, state, path):
+    """Load a resumed run's weights into ``model``; CheckpointError, naming ``path``, when they do not fit it."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in reason[1:3]) or (reason[0] if reason else type(e).__name__)
+        raise CheckpointError(f"{path}: its weights do not fit this run's model ({detail})") from None

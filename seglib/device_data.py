@@ -266,6 +266,14 @@ def build_loaders(args, train_set, val_set, device, info):
     if not on_device:
         return train_loader, val_loader
     size = (args.height, args.width)
-    return (DeviceTrainLoader(train_set, train_loader.sampler, args.batch_size, device, size, args.augment,
-                              args.flips == "random"),
-            DeviceEvalLoader(val_set, val_loader.sampler, args.batch_size, device, size))
+    try:
+        return (DeviceTrainLoader(train_set, train_loader.sampler, args.batch_size, device, size, args.augment,
+                                  args.flips == "random"),
+                DeviceEvalLoader(val_set, val_loader.sampler, args.batch_size, device, size))
+    except torch.cuda.OutOfMemoryError:  # the free memory shrank after it was weighed (another process)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what was uploaded before the failure is no longer referenced
+        if info.is_main:
+            print(f"--data-on-device: {device} ran out of memory while the data was copied there; using the data "
+                  f"loader")
+        return train_loader, val_loader

@@ -11,6 +11,19 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from seglib.compiled import synchronize
 
 GROUP_PREFIX = "group:"
+
+
+def timed(fn, steps, warmup, device):
+    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` calls, the device synchronised."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t) / steps
+
 # the first rule whose words appear in the lower-cased kernel or operator name decides its category
 RULES = (
     ("optimizer", ("adam", "_foreach", "multi_tensor", "fused_adam")),
@@ -89,24 +102,28 @@ def _busy_us(intervals):
     return busy
 
 
-def profile_steps(model, step, device, steps=3):
+COMPILED_GROUP = "whole model (compiled)"
+
+
+def profile_steps(model, step, device, steps=3, by_layer=True):
     """Profile ``steps`` calls of ``step()`` (forward in a "forward" range; optimizer in an "optimizer" range,
     see seglib.engine.train_step's callers) after the caller's warm-up.
 
+    The step's wall time is timed first, with the profiler off, so that the idle time does not count the
+    profiler's own overhead. ``by_layer=False`` for a compiled step: compiled code skips the layer groups' ranges
+    and fuses kernels across layers, so its time is split by category and phase only (group COMPILED_GROUP).
     Returns {"rows": [{category, group, phase, ms}], "step_ms", "busy_ms", "idle_ms", "source"}: per step, on a
     GPU the kernels' device time, on the CPU the operators' own CPU time.
     """
-    handles = mark_groups(model)
+    wall_ms = timed(step, steps, 0, device) * 1e3
+    handles = mark_groups(model) if by_layer else []
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
         with profile(activities=activities) as prof:
-            synchronize(device)
-            t0 = time.perf_counter()
             for _ in range(steps):
                 step()
             synchronize(device)
-            wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     finally:
         for h in handles:
             h.remove()
@@ -128,6 +145,11 @@ def profile_steps(model, step, device, steps=3):
             totals[(categorise(e.name), *_group_and_phase(e, group_of_seq))] += e.self_cpu_time_total / 1e3
     if cuda:
         intervals = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    if not by_layer:  # the forward's range and the backward's sequence numbers name no layer in compiled code
+        merged = defaultdict(float)
+        for (c, g, p), ms in totals.items():
+            merged[(c, g if p == "optimizer" else COMPILED_GROUP, p)] += ms
+        totals = merged
     rows = [{"category": c, "group": g, "phase": p, "ms": ms / steps} for (c, g, p), ms in totals.items()]
     rows.sort(key=lambda r: -r["ms"])
     busy = _busy_us(intervals) / 1e3 / steps if cuda else sum(r["ms"] for r in rows)

@@ -1,6 +1,7 @@
 """Annotation files to class maps: VGG Image Annotator 2 JSON (projects and exports; polygons, rectangles, circles,
 ellipses) and the book's pickled one-hot masks, each region rasterised into an (H, W) uint8 class map."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,22 @@ def _read_json(path):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 def _class_attribute(via, path):
     """(region attribute name, class names) from VIA's ``_via_attributes``, defaulting to the drinks classes."""
-    region_attrs = via.get("_via_attributes", {}).get("region", {}) if isinstance(via, dict) else {}
-    if not region_attrs:
+    attributes = via.get("_via_attributes")
+    region_attrs = attributes.get("region") if isinstance(attributes, dict) else None
+    if not isinstance(region_attrs, dict) or not region_attrs:
         return "Name", list(DEFAULT_CLASS_NAMES)
     key = "Name" if "Name" in region_attrs else next(iter(region_attrs))
-    options = region_attrs[key].get("options") or {}
+    options = region_attrs[key].get("options") if isinstance(region_attrs[key], dict) else None
     if not options:
         return key, list(DEFAULT_CLASS_NAMES)
+    if not isinstance(options, dict):
+        raise DataError(f"{path}: class options of attribute {key!r} must be an object of id -> name")
     try:
         ids = sorted(int(k) for k in options)
     except ValueError:
@@ -53,16 +59,18 @@ def read_via(path, problems=None):
     if not isinstance(via, dict):
         raise DataError(f"{path}: expected a VIA JSON object, got {type(via).__name__}")
     metadata = via.get("_via_img_metadata", via)  # a project file, or the bare "export as json" dict
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: _via_img_metadata must be an object of entries, got {type(metadata).__name__}")
     key, class_names = _class_attribute(via, path)
     entries = []
     for entry_key, item in metadata.items():
         if entry_key.startswith("_via_"):
             continue
         try:
-            if not isinstance(item, dict) or "filename" not in item:
+            if not isinstance(item, dict) or not isinstance(item.get("filename"), str) or not item["filename"]:
                 raise DataError(f"{path}: entry {entry_key!r} has no 'filename'")
             regions = [_read_region(region, key, class_names, f"{path}: entry {item['filename']!r} region {i}",
-                                    problems) for i, region in enumerate(item.get("regions") or [])]
+                                    problems) for i, region in enumerate(_regions(item, path))]
         except DataError as e:
             if problems is None:
                 raise
@@ -74,11 +82,22 @@ def read_via(path, problems=None):
     return class_names, entries
 
 
+def _regions(item, path):
+    """An entry's regions as a list: VIA 2 writes a list, VIA 1 an object keyed "0", "1", ..."""
+    regions = item.get("regions") or []
+    if isinstance(regions, dict):
+        regions = list(regions.values())
+    if not isinstance(regions, list):
+        raise DataError(f"{path}: entry {item['filename']!r}: regions must be a list, got {type(regions).__name__}")
+    return regions
+
+
 def _read_region(region, key, class_names, where, problems=None):
     """``(shape_attributes, class_id)`` of one VIA region; a bad one raises, or with ``problems`` is noted there
     and gives None."""
     try:
-        label = (region.get("region_attributes") or {}).get(key) if isinstance(region, dict) else None
+        attributes = region.get("region_attributes") if isinstance(region, dict) else None
+        label = attributes.get(key) if isinstance(attributes, dict) else None
         try:
             class_id = int(label)
         except (TypeError, ValueError):
@@ -95,19 +114,40 @@ def _read_region(region, key, class_names, where, problems=None):
     return shape, class_id
 
 
-RASTERISED_SHAPES = ("polygon", "rect", "circle", "ellipse")
+# the numbers each shape is drawn from (an ellipse's theta is optional)
+SHAPE_NUMBERS = {"polygon": (), "rect": ("x", "y", "width", "height"), "circle": ("cx", "cy", "r"),
+                 "ellipse": ("cx", "cy", "rx", "ry")}
+RASTERISED_SHAPES = tuple(SHAPE_NUMBERS)
+# the drinks polygons have at most 57 points; filling one of 4,000 takes seconds, so more is refused
+MAX_POLYGON_POINTS = 1000
+MAX_COORDINATE = 1e6  # pixels: beyond it a number is no photo's coordinate (and skimage's fill goes wrong)
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= MAX_COORDINATE)
 
 
 def _check_shape(shape, where):
-    name = shape.get("name")
+    """DataError unless ``shape`` is a VIA shape that shape_pixels can fill: a known name and finite numbers."""
+    name = shape.get("name") if isinstance(shape, dict) else None
     if name not in RASTERISED_SHAPES:
         raise DataError(f"{where}: shape {name!r} has no area to fill (supported: {', '.join(RASTERISED_SHAPES)})")
     if name == "polygon":
-        xs, ys = shape.get("all_points_x") or [], shape.get("all_points_y") or []
+        xs, ys = shape.get("all_points_x"), shape.get("all_points_y")
+        for axis, values in (("x", xs), ("y", ys)):
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                raise DataError(f"{where}: polygon's all_points_{axis} must be a list of numbers "
+                                f"(each within {MAX_COORDINATE:,.0f} pixels of 0)")
         if len(xs) != len(ys):
             raise DataError(f"{where}: polygon has {len(xs)} x and {len(ys)} y coordinates")
-        if len(xs) < 3:
-            raise DataError(f"{where}: polygon has {len(xs)} points, at least 3 are needed")
+        if not 3 <= len(xs) <= MAX_POLYGON_POINTS:
+            raise DataError(f"{where}: polygon has {len(xs)} points, 3 to {MAX_POLYGON_POINTS} are read")
+    keys = SHAPE_NUMBERS[name] + (("theta",) if name == "ellipse" and "theta" in shape else ())
+    bad = [k for k in keys if not _is_number(shape.get(k))]
+    if bad:
+        raise DataError(f"{where}: {name} needs a number within {MAX_COORDINATE:,.0f} pixels of 0 for "
+                        f"{', '.join(bad)}")
 
 
 def shape_pixels(shape, height, width):

@@ -9,6 +9,7 @@ import benchmark
 import model_utils as mu
 from fcn import build_fcn
 from resnet import ConvTranspose2d
+from seglib import profiling
 
 
 def test_benchmark_reports_every_field(drinks, capsys, monkeypatch):
@@ -18,11 +19,24 @@ def test_benchmark_reports_every_field(drinks, capsys, monkeypatch):
         compiled.append(compile)  # the graph itself is tested in test_model; compiling it here costs half a minute
         return mu.inference_model(model, dtype, channels_last, False)
 
+    steps = []
+
+    def train_step(model, criterion, optimizer, scaler, x, y, dtype=None, loss_fn=None):
+        kind = ("stock" if any(isinstance(m, benchmark.StockConvTranspose2d) for m in model.modules()) else "own",
+                dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        if not steps or steps[-1] != kind:
+            steps.append(kind)
+        return mu_train_step(model, criterion, optimizer, scaler, x, y, dtype, loss_fn)
+
+    mu_train_step = benchmark.train_step
     monkeypatch.setattr(benchmark, "inference_model", inference_model)
+    monkeypatch.setattr(benchmark, "train_step", train_step)
     args = benchmark.get_args_parser().parse_args([
         "--height", "32", "--width", "48", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
         "--data-path", str(drinks), "--workers", "0", "--data-images", "4", "--json"])
     r = benchmark.main(args)
+    # the plain port and the float32 baseline in float32 eager, contiguous; the fast step autocast, channels_last
+    assert steps == [("stock", None, False), ("own", None, False), ("own", mu.amp_dtype(torch.device("cpu")), True)]
     for key in ("train_img_s", "infer_img_s", "baseline_train_img_s", "baseline_infer_img_s", "fp32_train_img_s",
                 "fp32_infer_img_s", "infer_eager_img_s", "onnx_infer_img_s", "gflops_per_img", "mfu", "data_img_s",
                 "peak_mem_mb"):
@@ -59,8 +73,8 @@ def test_timed_is_the_seconds_a_call_after_the_warmup(monkeypatch):
         calls.append(1)
         clock[0] += 5.0 if len(calls) <= 2 else 0.25
 
-    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    assert benchmark.timed(step, steps=4, warmup=2, device=torch.device("cpu")) == pytest.approx(0.25)
+    monkeypatch.setattr(profiling, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert profiling.timed(step, steps=4, warmup=2, device=torch.device("cpu")) == pytest.approx(0.25)
     assert len(calls) == 6
 
 

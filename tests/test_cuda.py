@@ -1,6 +1,7 @@
 """The GPU path: mixed-precision training steps and whole epochs without per-step host syncs, an interrupted run
-resumed on CUDA, EMA and compiled training, CUDA evaluation against CPU float32, the frozen compiled graph,
-benchmark.py on CUDA and a 2-process NCCL run. They run where CUDA is available (the GPU plan of
+resumed on CUDA, EMA and compiled training (CUDA graphs and the compile cache too), the loader path and
+TensorBoard on CUDA, CUDA evaluation against CPU float32, the frozen compiled graph, benchmark.py on CUDA (its
+profile and epoch timing too) and a 2-process NCCL run. They run where CUDA is available (the GPU plan of
 ../shared/gpu/README.md runs this file there) and are skipped, with the reason, elsewhere; the amp choice by GPU
 generation is monkeypatched and runs everywhere."""
 import argparse
@@ -24,6 +25,7 @@ from seglib import engine
 from seglib.engine import build_optimizer, train_step
 from seglib.inference import evaluate_model, to_input
 from seglib.losses import build_criterion
+from seglib.profiling import COMPILED_GROUP
 from seglib.registry import model_from_checkpoint
 from seglib.schedules import BASE_LR
 
@@ -227,3 +229,66 @@ def test_two_process_nccl_run(tmp_path, drinks):
     lines = [json.loads(ln) for ln in (tmp_path / "w" / "nccl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and lines[-1]["val"]["n_images"] == 5
     assert json.loads((tmp_path / "w" / "nccl" / "test_metrics.json").read_text())["n_images"] == 51
+
+
+@needs_cuda
+def test_reduce_overhead_compile_cache_and_save_every_on_cuda(tmp_path, drinks, monkeypatch, capsys):
+    """CUDA graphs (--compile-mode reduce-overhead) over three epochs with data on the device (the CUDA default,
+    recorded as such), last.pt every second epoch and at the end, and the compile cache written then read."""
+    saved = []
+    real_save_job = train.save_job
+    monkeypatch.setattr(train, "save_job", lambda state, best=None, last=None: (saved.append(last is not None),
+                                                                                 real_save_job(state, best, last))[1])
+    cache = tmp_path / "compile.bin"
+    flags = ("--limit", 16, "--epochs", 3, "--workers", 0, "--no-test", "--compile", "--compile-mode",
+             "reduce-overhead", "--compile-cache", cache, "--save-every", 2)
+    train.main(_train_args(tmp_path, drinks, *flags))
+    run = tmp_path / "w" / "run"
+    assert json.loads((run / "config.json").read_text())["data_on_device"] is True
+    assert saved[-2:] == [True, True] and saved[0] is False  # epochs 2 and 3 (the last) kept last.pt
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and all(r["train_loss"] == r["train_loss"] for r in lines)
+    if hasattr(torch.compiler, "save_cache_artifacts"):  # torch >= 2.7
+        assert cache.is_file() and cache.stat().st_size > 0
+        capsys.readouterr()
+        train.main(_train_args(tmp_path, drinks, *flags[:-2], "--run-name", "again"))
+        assert f"loaded the compile cache {cache}" in capsys.readouterr().out
+
+
+@needs_cuda
+def test_the_loader_path_on_cuda(tmp_path, drinks):
+    """--no-data-on-device: pinned memory and worker processes feed the GPU, and config.json says so."""
+    train.main(_train_args(tmp_path, drinks, "--limit", 16, "--epochs", 1, "--workers", 2, "--no-test",
+                           "--no-data-on-device"))
+    run = tmp_path / "w" / "run"
+    assert json.loads((run / "config.json").read_text())["data_on_device"] is False
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+@needs_cuda
+def test_tensorboard_on_cuda_writes_one_log(tmp_path, drinks):
+    """The figures written in the background on CUDA go into the one event file, before the log closes."""
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed on this machine")
+    train.main(_train_args(tmp_path, drinks, "--limit", 16, "--epochs", 2, "--workers", 0, "--no-test",
+                           "--tensorboard"))
+    events = list((tmp_path / "w" / "run" / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+@needs_cuda
+def test_benchmark_profile_and_epoch_on_cuda(drinks):
+    """--profile splits the CUDA kernels' time by layer (eager) or by category alone (compiled); --epoch times
+    train.py's own epochs after the parent gave its memory back."""
+    common = ["--height", "128", "--width", "160", "--batch-size", "4", "--steps", "3", "--warmup", "2",
+              "--device", "cuda", "--data-path", str(drinks), "--workers", "0", "--data-images", "8", "--json",
+              "--no-onnx", "--profile"]
+    r = benchmark.main(benchmark.get_args_parser().parse_args(
+        [*common, "--epoch", "--epoch-count", "2", "--epoch-limit", "16"]))
+    groups = {row["group"] for row in r["profile"]["rows"]}
+    assert {"stem", "stage1", "stage3", "up", "optimizer"} <= groups
+    assert r["profile"]["source"] == "CUDA kernels' device time" and r["profile"]["idle_ms"] >= 0
+    assert 0 < r["profile"]["busy_ms"] <= r["profile"]["step_ms"] * 1.05
+    assert r["epochs_timed"] == 2 and r["epoch_s"] > 0
+    compiled = benchmark.main(benchmark.get_args_parser().parse_args([*common, "--compile"]))
+    assert {row["group"] for row in compiled["profile"]["rows"]} <= {COMPILED_GROUP, "optimizer"}

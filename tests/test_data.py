@@ -1,5 +1,6 @@
 """The data pipeline: the real drinks annotations, augmentation alignment, the split and every bad input."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,7 +192,24 @@ def test_unreadable_image(tmp_path):
 @pytest.mark.parametrize("region, words", [
     (_poly([1, 5, 9], [1, 5, 1], cls="7"), "region 0: unknown class '7'"),
     (_poly([1, 5, 9], [1, 5, 1], cls=None), "region 0: unknown class None"),
-    (_poly([1, 5], [1, 5]), "region 0: polygon has 2 points, at least 3"),
+    (_poly([1, 5], [1, 5]), "region 0: polygon has 2 points, 3 to 1000"),
+    (_poly(list(range(1001)), list(range(1001))), "region 0: polygon has 1001 points, 3 to 1000"),
+    (_poly([[1, 2], 5, 9], [1, 5, 1]), "region 0: polygon's all_points_x must be a list of numbers"),
+    (_poly([1, 5, 9], {"0": 1}), "region 0: polygon's all_points_y must be a list of numbers"),
+    (_poly([1, "5", 9], [1, 5, 1]), "region 0: polygon's all_points_x must be a list of numbers"),
+    (_poly([1, 5, 9], [1, 5, True]), "region 0: polygon's all_points_y must be a list of numbers"),
+    ({"shape_attributes": {"name": "polygon"}, "region_attributes": {"Name": "1"}},
+     "region 0: polygon's all_points_x must be a list"),
+    ({"shape_attributes": {"name": "rect", "x": 1, "y": 1, "width": 5}, "region_attributes": {"Name": "1"}},
+     "region 0: rect needs a number within 1,000,000 pixels of 0 for height"),
+    ({"shape_attributes": {"name": "circle", "cx": [1], "cy": 1, "r": 1e999}, "region_attributes": {"Name": "1"}},
+     "region 0: circle needs a number within 1,000,000 pixels of 0 for cx, r"),
+    ({"shape_attributes": {"name": "circle", "cx": 1, "cy": 1, "r": 1e300}, "region_attributes": {"Name": "1"}},
+     "region 0: circle needs a number within 1,000,000 pixels of 0 for r"),
+    ({"shape_attributes": {"name": "ellipse", "cx": 1, "cy": 1, "rx": 2, "ry": 1, "theta": None},
+      "region_attributes": {"Name": "1"}}, "region 0: ellipse needs a number within 1,000,000 pixels of 0 for theta"),
+    ({"shape_attributes": [["polygon"]], "region_attributes": {"Name": "1"}}, "region 0: shape None has no area"),
+    ({"shape_attributes": SQUARE["shape_attributes"], "region_attributes": ["1"]}, "region 0: unknown class None"),
     (_poly([1, 5, 9], [1, 5]), "region 0: polygon has 3 x and 2 y"),
     ({"shape_attributes": {"name": "polyline", "all_points_x": [1, 2, 3], "all_points_y": [1, 2, 3]},
       "region_attributes": {"Name": "1"}}, "region 0: shape 'polyline' has no area"),
@@ -202,6 +220,54 @@ def test_bad_regions(tmp_path, region, words):
     _via(tmp_path, [("a.jpg", [region])])
     with pytest.raises(DataError, match=r"segmentation_train.json: entry 'a.jpg' " + words):
         dg.load_annotations(tmp_path, "train")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda doc: doc["_via_img_metadata"]["a.jpg1"].update(filename=["a.jpg"]), "entry 'a.jpg1' has no 'filename'"),
+    (lambda doc: doc["_via_img_metadata"]["a.jpg1"].update(regions="polygon"), "entry 'a.jpg': regions must be a list"),
+    (lambda doc: doc.update(_via_img_metadata=[1]), "_via_img_metadata must be an object of entries"),
+    (lambda doc: doc["_via_attributes"]["region"]["Name"].update(options=["Water"]),
+     "class options of attribute 'Name' must be an object"),
+])
+def test_entries_of_the_wrong_type_are_one_line(tmp_path, edit, words):
+    """Every part of the file is checked where it is read, so nothing of the wrong type reaches the fill."""
+    _image(tmp_path / "a.jpg")
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    path = tmp_path / "segmentation_train.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"segmentation_train.json: " + re.escape(words)):
+        dg.load_annotations(tmp_path, "train")
+
+
+def test_deeply_nested_json_is_one_line(tmp_path):
+    (tmp_path / "segmentation_train.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="segmentation_train.json: invalid JSON \\(nested too deeply\\)"):
+        dg.load_annotations(tmp_path, "train")
+
+
+def test_the_attributes_of_a_list_type_fall_back_to_the_drinks_classes(tmp_path):
+    _image(tmp_path / "a.jpg")
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    path = tmp_path / "segmentation_train.json"
+    doc = json.loads(path.read_text())
+    doc["_via_attributes"] = ["region"]
+    path.write_text(json.dumps(doc))
+    assert dg.load_annotations(tmp_path, "train").class_names == list(via.DEFAULT_CLASS_NAMES)
+
+
+def test_via1_regions_keyed_by_number_are_read(tmp_path):
+    _image(tmp_path / "a.jpg")
+    _via(tmp_path, [("a.jpg", [SQUARE])])
+    as_list = dg.load_annotations(tmp_path, "train").mask(0)
+    path = tmp_path / "segmentation_train.json"
+    doc = json.loads(path.read_text())
+    entry = doc["_via_img_metadata"]["a.jpg1"]
+    entry["regions"] = {"0": entry["regions"][0]}
+    path.write_text(json.dumps(doc))
+    mask = dg.load_annotations(tmp_path, "train").mask(0)
+    assert mask[20, 20] == 1 and np.array_equal(mask, as_list)
 
 
 def test_other_shapes_are_rasterised(tmp_path):
@@ -306,7 +372,7 @@ def test_check_lists_every_broken_file_entry_and_region(tmp_path):
     expected = ["entry 'nameless' has no 'filename'", "entry 'bad_region.jpg' region 1: unknown class '9'",
                 "truncated.jpg: cannot read image", "garbage.jpg: cannot read image",
                 "missing.jpg: image file not found",
-                "entry 'bad_rect.jpg' region 0: cannot fill its rect (KeyError"]
+                "entry 'bad_rect.jpg' region 0: rect needs a number within 1,000,000 pixels of 0 for width, height"]
     assert len(problems) == len(expected)
     for words in expected:
         assert sum(words in p for p in problems) == 1, words

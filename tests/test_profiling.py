@@ -1,11 +1,15 @@
 """benchmark.py --profile and --epoch: the profile's categories, layer groups and phases on the CPU, and whole
 epochs of train.py timed from its metrics."""
+import time
+from collections import OrderedDict
+
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import benchmark
 from seglib.epoch_timing import epoch_figures
-from seglib.profiling import categorise, summarise
+from seglib.profiling import COMPILED_GROUP, categorise, profile_steps, summarise
 
 CPU = torch.device("cpu")
 
@@ -36,8 +40,56 @@ def test_cpu_profile_splits_a_step_by_category_group_and_phase():
     assert set(phases) == {"forward", "backward", "optimizer"} and min(phases.values()) > 0
     # each stage's backward is there too, found through the autograd sequence numbers
     assert {r["group"] for r in p["rows"] if r["phase"] == "backward"} >= {"stage1", "stage2", "stage3", "up"}
-    assert sum(r["ms"] for r in p["rows"]) == pytest.approx(p["busy_ms"])
-    assert 0 < p["busy_ms"] <= p["step_ms"] * 1.01  # operators run inside the step's wall time
+    # the rows hold every operator's own time: torch.profiler's own table of the same step, less the ranges
+    model, step = benchmark.training_step(args, CPU, fast=True)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    own_ms = sum(e.self_cpu_time_total for e in prof.key_averages()
+                 if not e.key.startswith(("group:", "forward", "optimizer"))) / 1e3
+    assert p["busy_ms"] == pytest.approx(own_ms, rel=0.3)
+
+
+def _two_groups():
+    """A model of two layer groups: a heavy conv, then a ReLU."""
+    return torch.nn.Sequential(OrderedDict(heavy=torch.nn.Conv2d(3, 32, 5, padding=2), light=torch.nn.ReLU()))
+
+
+def test_backward_operators_go_to_the_group_of_the_forward_they_differentiate():
+    model, x = _two_groups(), torch.rand(2, 3, 48, 48)
+    p = profile_steps(model, lambda: model(x).mean().backward(), CPU, steps=1)
+    backward = [r for r in p["rows"] if r["phase"] == "backward" and r["ms"] > 0]
+    conv_backward = {r["group"] for r in backward if r["category"] == "conv backward (data + weight)"}
+    assert conv_backward == {"heavy"}
+    assert "light" in {r["group"] for r in backward if r["category"] == "pointwise"}  # threshold_backward
+
+
+def test_the_step_is_timed_with_the_profiler_off():
+    """A step that is slow only while profiled: its wall time is the unprofiled one."""
+    model, x = _two_groups(), torch.rand(1, 3, 16, 16)
+
+    def step():
+        model(x).mean().backward()
+        if torch._C._autograd._profiler_enabled():
+            time.sleep(0.05)
+
+    p = profile_steps(model, step, CPU, steps=2)
+    assert p["step_ms"] < 25
+
+
+def test_a_compiled_step_is_not_split_by_layer(monkeypatch):
+    """Compiled code skips the layer groups' ranges and fuses across layers: no per-layer table is claimed."""
+    model, x = _two_groups(), torch.rand(1, 3, 16, 16)
+    compiled = torch.compile(model, backend="eager")
+    p = profile_steps(model, lambda: compiled(x).mean().backward(), CPU, steps=1, by_layer=False)
+    assert {r["group"] for r in p["rows"]} == {COMPILED_GROUP}
+    calls = []
+    monkeypatch.setattr(benchmark, "training_step", lambda *a, **k: (model, lambda: None))
+    monkeypatch.setattr(benchmark, "profile_steps", lambda *a, **k: calls.append(k))
+    for flags in ([], ["--compile"]):
+        args = benchmark.get_args_parser().parse_args(["--device", "cpu", "--steps", "1", "--warmup", "1", *flags])
+        benchmark.measure_profile(args, CPU)
+    assert calls == [{"by_layer": True}, {"by_layer": False}]
 
 
 def test_epoch_figures_come_from_the_metrics_timestamps():

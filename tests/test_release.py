@@ -50,6 +50,21 @@ def test_release_is_the_weights_alone_named_by_its_hash(release, tiny_checkpoint
     assert not list(path.parent.glob(".*tmp"))
 
 
+def test_a_run_with_an_ema_releases_the_ema_weights(tiny_checkpoint, drinks, tmp_path):
+    """The EMA is what such a run validated and kept as best.pt: the release carries it, not the trained weights."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ema = {k: v * 0.5 if v.is_floating_point() else v.clone() for k, v in ckpt["model"].items()}
+    ckpt["ema"] = {"model": ema, "updates": 10, "decay": 0.99}
+    path = tmp_path / "best.pt"
+    torch.save(ckpt, path)
+    r = export.main(export.get_args_parser().parse_args([
+        "--weights", str(path), "--format", "weights", "--output", str(tmp_path / "ema.pt"), "--data-path",
+        str(drinks), "--check-images", "1"]))
+    released = torch.load(r["output"], weights_only=True)["model"]
+    assert all(torch.equal(released[k], ema[k]) for k in ema)
+    assert not torch.equal(released["classifier.weight"], ckpt["model"]["classifier.weight"])
+
+
 def test_hub_loads_the_release_from_this_folder_in_eval_mode(release, tiny_checkpoint, tmp_path):
     assert {n for n in dir(hubconf) if not n.startswith("_") and callable(getattr(hubconf, n))} == set(MODELS)
     model = torch.hub.load(str(ROOT), "fcn_resnet56v2", source="local", weights=release["output"])

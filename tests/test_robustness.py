@@ -9,6 +9,7 @@ import sys
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
 import benchmark
@@ -185,6 +186,26 @@ def test_resume_with_a_torn_metrics_line_keeps_the_complete_epochs(finished_run,
                                                    "--val-fraction", "0.005", "--no-test", "--figures-dir",
                                                    str(tmp_path / "f"), *TINY]))
     assert [json.loads(ln)["epoch"] for ln in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_weights_of_the_wrong_shape_changes_nothing(finished_run, drinks, tmp_path, monkeypatch, capsys):
+    """last.pt whose config matches the flags but whose tensors do not fit the model: one line, and the run's
+    config.json, metrics and checkpoints stay as they were."""
+    run = tmp_path / "weights" / "run"
+    shutil.copytree(finished_run, run)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    name = next(k for k, v in ckpt["model"].items() if v.ndim == 4)
+    ckpt["model"][name] = torch.zeros(*ckpt["model"][name].shape[:-1], ckpt["model"][name].shape[-1] + 2)
+    torch.save(ckpt, run / "last.pt")
+    (run / "config.json").write_text((run / "config.json").read_text() + "\n")  # told apart from a rewrite
+    before = _snapshot(tmp_path)
+    code, last_line, err, _ = _run_script("train", [
+        "--data-path", str(drinks), "--output-dir", str(tmp_path / "weights"), "--run-name", "run", "--resume",
+        "--limit", "8", "--epochs", "2", "--val-fraction", "0.005", "--no-test", "--figures-dir",
+        str(tmp_path / "f"), *TINY], monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert re.search(r"last.pt: its weights do not fit this run's model \(.*size mismatch", last_line), last_line
+    assert _snapshot(tmp_path) == before
 
 
 def test_a_folder_with_a_broken_photo_gets_every_good_photo_segmented(finished_run, drinks, tmp_path, monkeypatch,
