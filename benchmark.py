@@ -32,16 +32,13 @@ from data_generator import build_loader, default_data_path, make_dataset
 from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory, make_grad_scaler,
                          seed_everything)
 from resnet import L2_WEIGHT, ConvTranspose2d
-from seglib.compiled import COMPILE_MODES, LossFunction
-from seglib.engine import build_optimizer, train_step
-from seglib.epoch_timing import format_epochs, release_device_memory, time_epochs
-from seglib.errors import DataError, at_least, check_flags, run_cli
-from seglib.flops import model_gflops, training_gbytes
+from seglib.engine import BASE_LR, COMPILE_MODES, LossFunction, build_optimizer, train_step
+from seglib.profiling import (format_epochs, format_profile, model_gflops, profile_steps, release_device_memory,
+                              time_epochs, timed, training_gbytes)
+from seglib.files import DataError, at_least, check_flags, run_cli
 from seglib.inference import to_input
 from seglib.losses import build_criterion
-from seglib.profiling import format_profile, profile_steps, timed
 from seglib.registry import MODELS, build_model, model_options
-from seglib.schedules import BASE_LR
 
 
 # Dense bf16 (fp16 where the card has no bf16) tensor-core TFLOP/s from NVIDIA's datasheets, by a part of

@@ -15,9 +15,8 @@ import itertools
 import json
 from pathlib import Path
 
-from seglib.errors import DataError, run_cli
-from seglib.files import read_metrics
-from seglib.flops import model_gflops
+from seglib.files import DataError, read_metrics, run_cli
+from seglib.profiling import model_gflops
 from seglib.plots import finish_figure, pyplot
 from seglib.registry import checkpoint_model
 

@@ -1,10 +1,10 @@
 """The drinks dataset: its annotated images and class maps, the seeded validation split, the datasets and loaders
 that serve (image, class-map mask) pairs, and the dataset check.
 
-Reads ``segmentation_train.json`` / ``segmentation_test.json`` (VGG Image Annotator 2 format, parsed by
-seglib/via.py) from the data folder, rasterises each region into an (H, W) class map (0 background, 1 Water,
-2 Soda, 3 Juice) once, and serves images through joint image/mask transforms (seglib/joint_transforms.py). The
-data folder is only ever read.
+Reads ``segmentation_train.json`` / ``segmentation_test.json`` (VGG Image Annotator format) from the data
+folder, rasterises each region into an (H, W) class map (0 background, 1 Water, 2 Soda, 3 Juice) once, and
+serves images through joint image/mask transforms; all of it lives in seglib/annotations.py. The data folder is
+only ever read.
 
 Check a split, the first thing to run on new data: every image is decoded and every region filled, and every
 broken file, entry or region is listed at once (then exit status 1). Then a summary of the split is printed
@@ -25,17 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from seglib.annotations import Annotations, data_folder, default_data_path, load_annotations, split_indices
+from seglib.annotations import (Annotations, EpochSampler, SegmentationDataset, ShardSampler, build_loader, check_entry,
+                                collate_eval, data_folder, default_data_path, eval_transform, load_annotations,
+                                make_dataset, read_via, split_indices, train_transform)
 from seglib.download import ANNOTATION_FILES, download_drinks
-from seglib.errors import DataError, at_least, check_flags, run_cli
-from seglib.joint_transforms import eval_transform, train_transform
-from seglib.loaders import EpochSampler, SegmentationDataset, ShardSampler, build_loader, collate_eval, make_dataset
+from seglib.files import DataError, at_least, check_flags, progress, run_cli
 from seglib.plots import save_annotation_figure
-from seglib.progress import progress
-from seglib.via import check_entry, read_via
 
-# What the scripts and a user's own code take from here (the datasets live in seglib/annotations.py and
-# seglib/loaders.py, so that the package never imports this script).
+
+# What the scripts and a user's own code take from here (the datasets live in seglib/annotations.py, so that the
+# package never imports this script).
 __all__ = ["Annotations", "EpochSampler", "SegmentationDataset", "ShardSampler", "build_loader", "check_split",
            "collate_eval", "data_folder", "default_data_path", "eval_transform", "load_annotations",
            "make_dataset", "split_indices", "summarise", "train_transform"]

@@ -18,12 +18,11 @@ import torch
 
 from data_generator import default_data_path
 from model_utils import get_device, keep_freed_memory
-from seglib.errors import CheckpointError, DataError, at_least, check_flags, run_cli
-from seglib.files import output_names, read_image
+from seglib.files import CheckpointError, DataError, at_least, check_flags, output_names, progress, read_image, run_cli
 from seglib.inference import TTA_MODES, input_dtype, predict, predictor, to_input, upsample_argmax
 from seglib.plots import overlay, save_image, save_mask_png
-from seglib.progress import progress
 from seglib.scoring import evaluate_checkpoint, load_model
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -26,15 +26,12 @@ from pathlib import Path
 import torch
 
 from data_generator import build_loader, default_data_path, make_dataset
-from model_utils import load_checkpoint
+from seglib.checkpoints import is_keras_file, load_checkpoint, load_weights_file, release_state, write_release
 from seglib.annotations import split_of
-from seglib.errors import DataError, ExportError, at_least, check_flags, run_cli
+from seglib.files import DataError, ExportError, at_least, check_flags, progress, run_cli
 from seglib.inference import to_input
 from seglib.onnx_model import OPSET, OnnxModel, export_onnx
-from seglib.keras_weights import is_keras_file, load_weights_file
-from seglib.progress import progress
 from seglib.registry import model_from_checkpoint
-from seglib.release import release_state, write_release
 
 
 @torch.inference_mode()

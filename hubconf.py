@@ -8,7 +8,7 @@
 
 ``weights=None`` gives the model from scratch, with ``n_classes`` outputs and the registry's options.
 """
-from seglib.release import hub_model as _hub_model
+from seglib.checkpoints import hub_model as _hub_model
 
 dependencies = ["torch", "torchvision", "numpy"]
 

@@ -1,34 +1,25 @@
-"""What every run needs around the model: checkpoints written and read safely, seeding and RNG states, devices
-and mixed precision (with the fast inference form of a model), loader workers, and distributed set-up.
-
-It sits at the bottom of the house with the model files: it imports nothing of the project, so it defines the
-two errors it raises itself (seglib/errors.py lists them with the others)."""
+"""What every run needs around the model: seeding and RNG states, devices and mixed precision (with the fast
+inference form of a model), loader workers, device synchronisation and distributed set-up. Checkpoints are read
+and written by seglib/checkpoints.py; the one error raised here, UsageError, lives with the others in
+seglib/files.py."""
 import copy
 import ctypes
-import hashlib
 import os
 import random
-import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import distributed as dist
 from torch import nn
 
-CONFIG_KEYS = ("n_classes", "height", "width", "class_names")
-HASH_DIGITS = 8  # a released file is named <name>-<first 8 hex digits of its SHA-256>.pt (seglib/release.py)
-HASHED_NAME = re.compile(r"-([0-9a-f]{8,64})\.pt$", re.IGNORECASE)  # the part torch.hub's check_hash reads
+from seglib.files import UsageError
 
 
-class CheckpointError(ValueError):
-    """A missing, corrupt or incompatible checkpoint; the message names the file."""
 
 
-class UsageError(ValueError):
-    """A flag whose value is out of range or does not fit the run; the message names the flag and the value."""
+
 
 
 def keep_freed_memory():
@@ -53,61 +44,12 @@ def keep_freed_memory():
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state, path):
-    """``torch.save`` to a temporary name in the same folder, then rename: a crash or a full disk never leaves half
-    a file, and the previous checkpoint stays as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def sha256_of(path):
-    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
-def check_name_hash(path):
-    """CheckpointError if ``path`` is named ``<name>-<hex digits>.pt`` and its SHA-256 does not begin with them
-    (a damaged or altered release); a name without such digits is not checked, as in torch.hub."""
-    match = HASHED_NAME.search(Path(path).name)
-    if match and not sha256_of(path).startswith(match.group(1).lower()):
-        raise CheckpointError(f"{path}: its SHA-256 does not start with the {match.group(1)} in its name "
-                              f"(a damaged or altered file); download or export it again")
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely (``weights_only=True``: plain tensors and containers, no arbitrary objects). A
-    released file, named with its hash, is checked against it first."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix.lower() == ".onnx":
-        raise CheckpointError(f"{path}: is an ONNX file, not a checkpoint (evaluate.py scores it; this needs a .pt)")
-    check_name_hash(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
-    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{path}: its 'config' and 'model' entries are not dicts")
-    missing = [k for k in CONFIG_KEYS if k not in ckpt["config"]]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint config lacks {', '.join(missing)}")
-    return ckpt
 
 
 def rng_state():
@@ -320,3 +262,7 @@ def broadcast_buffers(model):
 # --------------------------------------------------------------------------------------------------- metrics
 
 
+def synchronize(device):
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

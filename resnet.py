@@ -277,7 +277,3 @@ def zero_init_residual_(model):
         nn.init.zeros_(unit.conv3.weight)
     return len(units)
 
-
-def build_resnet_v2(depth=56):
-    """The ResNet-v2 backbone of the given depth (9n + 2)."""
-    return ResNetV2(depth)

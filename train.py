@@ -23,27 +23,24 @@ from torch import distributed as dist
 
 from data_generator import default_data_path, load_annotations, make_dataset
 from model_utils import (amp_dtype, barrier, broadcast_buffers, default_workers, init_distributed, keep_freed_memory,
-                         load_checkpoint, make_grad_scaler, restore_grad_scaler, save_checkpoint, seed_everything,
-                         set_rng_state)
+                         make_grad_scaler, restore_grad_scaler, seed_everything, set_rng_state)
+from seglib.checkpoints import (BackgroundWriter, check_resume, checkpoint_state, host_copy, load_checkpoint,
+                                load_resumed_weights, save_checkpoint, save_job, trim_metrics)
 from resnet import L2_WEIGHT, zero_init_residual_
-from seglib.checkpoints import (BackgroundWriter, check_resume, checkpoint_state, host_copy, load_resumed_weights,
-                                save_job, trim_metrics)
-from seglib.compiled import COMPILE_MODES, LossFunction, load_compile_cache, save_compile_cache
+from seglib.engine import (BASE_LR, COMPILE_MODES, SCHEDULES, LossFunction, ModelEMA, StopRequest, build_optimizer,
+                           check_weights_agree, estimate_cpu_run, learning_rate, load_compile_cache, save_compile_cache,
+                           train_one_epoch)
 from seglib.device_data import DeviceTrainLoader, build_loaders
 from seglib.download import ensure_data
-from seglib.ema import ModelEMA
-from seglib.engine import StopRequest, build_optimizer, check_weights_agree, estimate_cpu_run, train_one_epoch
-from seglib.errors import TrainingError, UsageError, at_least, check_flags, run_cli
-from seglib.files import append_jsonl, write_json
+from seglib.files import TrainingError, UsageError, append_jsonl, at_least, check_flags, run_cli, write_json
 from seglib.inference import TTA_MODES, evaluate_model
-from seglib.joint_transforms import AUGMENTATIONS
+from seglib.annotations import AUGMENTATIONS
 from seglib.losses import LOSSES, Criterion, build_criterion, resolve_class_weights
 from seglib.plots import plot_curves
 from seglib.recipes import (CPU_COMMAND, RECIPES, RecipeArgumentParser, class_weights, ema_decay, epoch_size,
                             progressive_step, recipe_flags, seconds_left, sizes_from)
 from seglib.registry import (MODELS, build_model, check_same_padding, checkpoint_model, load_backbone_, model_options,
                              read_backbone_weights, run_name)
-from seglib.schedules import BASE_LR, SCHEDULES, learning_rate
 from seglib.scoring import evaluate_checkpoint
 from seglib.tensorboard_log import TensorBoardLog, tensorboard_available
 

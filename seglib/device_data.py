@@ -1,5 +1,5 @@
 """Training and validation data held on the device: the decoded split as uint8 tensors in device memory, and the
-training augmentation (seglib/joint_transforms.py) run there, from the same per-sample seeds as the loader.
+training augmentation (seglib/annotations.py) run there, from the same per-sample seeds as the loader.
 
 At batch 4 a fast GPU trains faster than loader workers can decode-free augment on the CPU. Here the sampler's
 keys ``(index, seed, size, flip)`` draw exactly the flip, crop box and colour factors that torchvision's
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from seglib.joint_transforms import CROP_SCALE, JITTER, crop_ratio
-from seglib.loaders import build_loader
+from seglib.annotations import CROP_SCALE, JITTER, build_loader, crop_ratio
+
 
 DEVICE_SHARE = 0.25  # the decoded data may take at most this share of a GPU's memory (see data_on_device)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's operations, in its numbering

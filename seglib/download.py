@@ -16,8 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from model_utils import sha256_of
-from seglib.errors import DataError
+from seglib.files import DataError, sha256_of
+
 
 DEFAULT_DATA_PATH = "dataset/drinks"
 ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}

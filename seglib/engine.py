@@ -1,8 +1,10 @@
-"""The training loop's parts: the book's optimizer and loss, one mixed-precision step, one epoch with host syncs
-only every CHECK_EVERY steps, Ctrl-C as a stop request, and the CPU time estimate."""
+"""The training step and what drives it: Adam as Keras computes it, the learning-rate schedules, the EMA of
+the weights, the optionally compiled loss-and-backward, one optimizer step, one epoch with its Ctrl-C handling and
+periodic loss checks, and the CPU run's time estimate."""
+
 import copy
+import math
 import signal
-import statistics
 import time
 from pathlib import Path
 
@@ -11,14 +13,218 @@ from torch import distributed as dist
 from torch.nn import functional as F
 from torch.profiler import record_function
 
-from model_utils import make_grad_scaler
-from seglib.compiled import CompileTimer
-from seglib.ema import ModelEMA
-from seglib.errors import TrainingError
+from model_utils import make_grad_scaler, synchronize
+from seglib.files import TrainingError, UsageError, progress
 from seglib.inference import to_input, tta_cost
-from seglib.progress import progress
+from seglib.profiling import timed
 from seglib.recipes import epoch_sizes
-from seglib.schedules import set_lr
+
+
+# ------------------------------------------------------------------------------------------- learning-rate schedules
+# The book's step schedule, the same scaled to the run, cosine and poly, each with an optional linear warmup. Every
+# rate is a pure function of the global optimizer step (and the run's length), set before each step, so a resumed
+# run sets exactly the rates an uninterrupted run sets.
+
+BASE_LR = 1e-3  # Adam's base rate in the book
+
+SCHEDULES = ("book", "scaled", "cosine", "poly")
+POLY_POWER = 0.9  # torchvision's segmentation references and MMSegmentation
+
+
+def lr_scheduler(epoch, base_lr=BASE_LR, epochs=100):
+    """The book's step schedule: base until epoch 40, then x0.5, x0.1 after 60, x0.05 after 80 (0-based).
+
+    ``epochs`` other than the book's 100 scales the steps to the run's length (40%, 60%, 80% of it), so a
+    short run decays too.
+    """
+    scale = epochs / 100
+    if epoch > 80 * scale:
+        return base_lr * 0.05
+    if epoch > 60 * scale:
+        return base_lr * 0.1
+    if epoch > 40 * scale:
+        return base_lr * 0.5
+    return base_lr
+
+
+def learning_rate(schedule, step, steps_per_epoch, epochs, base_lr=BASE_LR, warmup_epochs=0.0):
+    """The rate for global step ``step`` (0-based: the step about to be taken).
+
+    - ``book``: the book's steps at epochs 40, 60, 80 whatever the run's length; ``scaled``: the same at 40%,
+      60%, 80% of ``epochs`` (both change once per epoch);
+    - ``cosine``: from ``base_lr`` down to 0 along half a cosine over the steps after the warmup;
+    - ``poly``: ``base_lr * (1 - t) ** 0.9`` over the same steps (t from 0 to 1).
+
+    ``warmup_epochs`` (may be fractional) ramps the rate linearly from ``base_lr / warmup_steps`` up to the
+    schedule's own over its first steps.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    warmup = round(warmup_epochs * steps_per_epoch)
+    if schedule in ("book", "scaled"):
+        lr = lr_scheduler(step // steps_per_epoch, base_lr, 100 if schedule == "book" else epochs)
+    else:
+        t = min(1.0, max(0, step - warmup) / max(1, epochs * steps_per_epoch - warmup))  # 0 -> 1 after warmup
+        lr = base_lr * (0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else (1 - t) ** POLY_POWER)
+    return lr * min(1.0, (step + 1) / warmup) if step < warmup else lr
+
+
+def set_lr(optimizer, lr):
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------------ EMA of the weights
+# After every optimizer step every floating-point entry of the EMA copy's state (parameters and BatchNorm running
+# statistics alike) moves towards the trained model's:
+#
+#    ema = d * ema + (1 - d) * model,    d = min(decay, (1 + n) / (10 + n)) after n updates,
+#
+# so the random initial weights fade within the first steps (timm's ModelEmaV2 warmup). Averaging the running
+# statistics with the parameters keeps them the statistics of the averaged model; integer buffers are copied.
+
+class ModelEMA:
+    """An EMA copy of ``model`` (``module``, in eval mode, no gradients) with ``decay`` per optimizer step."""
+
+    def __init__(self, model, decay):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    def current_decay(self):
+        """The decay the next update uses: ``decay``, lowered for the first updates."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model):
+        """Move the EMA towards ``model``'s current state (call after each optimizer step)."""
+        d = self.current_decay()
+        ema_state = self.module.state_dict()  # its tensors share the modules' storage
+        pairs = [(ema_state[name], value) for name, value in model.state_dict().items()]
+        floats = [pair for pair in pairs if pair[1].is_floating_point()]
+        ints = [pair for pair in pairs if not pair[1].is_floating_point()]
+        # one multi-tensor kernel for all the weights, not one kernel per tensor
+        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)
+        if ints:
+            torch._foreach_copy_([e for e, _ in ints], [v for _, v in ints])
+        self.updates += 1
+
+    def state_dict(self):
+        """The EMA weights and the update count, for a checkpoint (plain tensors and ints)."""
+        return {"model": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state):
+        """Restore what ``state_dict`` returned (exact resume)."""
+        self.module.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+# ------------------------------------------------------------------------------------------------- the compiled step
+# The forward pass and loss as one function, eager or compiled by torch.compile at fixed shapes (one graph per input
+# size, so progressive resizing compiles once per size), and the portable compile cache that lets a fresh machine
+# skip most of the compile.
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # reduce-overhead: CUDA graphs
+
+
+class LossFunction:
+    """``criterion(model(x), target)`` under autocast (``dtype`` None: float32), as one callable.
+
+    With ``backend`` (a torch.compile backend, e.g. "inductor" or "aot_eager") the function is compiled with
+    ``dynamic=False``: a new input shape gets its own graph instead of a dynamic one, and later epochs at a shape
+    already seen reuse its graph. ``mode`` "reduce-overhead" replays the step's kernels as CUDA graphs.
+    ``is_new_shape`` says whether a call will compile (the step that pays for it is timed by the caller).
+    """
+
+    def __init__(self, model, criterion, dtype, backend=None, mode="default"):
+        self.model, self.criterion, self.dtype = model, criterion, dtype
+        self.compiled = backend is not None
+        self._shapes, self._reported = set(), 0
+        self._fn = self._loss
+        if self.compiled:
+            options = {} if mode == "default" else {"mode": mode}
+            self._fn = torch.compile(self._loss, backend=backend, dynamic=False, **options)
+
+    def _loss(self, x, target):
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.criterion(self.model(x), target)
+
+    def is_new_shape(self, x):
+        """True the first time a compiled function meets ``x``'s shape (that call compiles)."""
+        key = tuple(x.shape)
+        new = self.compiled and key not in self._shapes
+        self._shapes.add(key)
+        return new
+
+    def take_new_graphs(self):
+        """Whether shapes were compiled since the last call (the compile cache is then worth writing again)."""
+        new = len(self._shapes) > self._reported
+        self._reported = len(self._shapes)
+        return new
+
+    def __call__(self, x, target):
+        return self._fn(x, target)
+
+
+
+
+class CompileTimer:
+    """Times the step that compiles a new shape: ``with CompileTimer(loss_fn, x):`` around the step prints
+    ``compiled the training step at HxW in N s`` after it (syncing the device only on such steps)."""
+
+    def __init__(self, loss_fn, x, verbose=True):
+        self.active = loss_fn is not None and loss_fn.is_new_shape(x)
+        self.x, self.verbose, self.seconds = x, verbose, None
+
+    def __enter__(self):
+        if self.active:
+            synchronize(self.x.device)
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.active and exc[0] is None:
+            synchronize(self.x.device)
+            self.seconds = time.perf_counter() - self._t0
+            if self.verbose:
+                h, w = self.x.shape[-2:]
+                print(f"compiled the training step at {h}x{w} in {self.seconds:.1f} s", flush=True)
+        return False
+
+
+def load_compile_cache(path):
+    """Load torch.compile's portable cache from ``path`` if it exists (torch >= 2.7). Returns whether it did."""
+    path = Path(path)
+    _check_cache_api(path)
+    if not path.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True
+
+
+def save_compile_cache(path):
+    """Write what torch.compile compiled in this process to ``path`` (temporary name, then rename)."""
+    path = Path(path)
+    _check_cache_api(path)
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(artifacts[0])
+    tmp.replace(path)
+    return True
+
+
+def _check_cache_api(path):
+    if not hasattr(torch.compiler, "save_cache_artifacts"):
+        raise UsageError(f"--compile-cache {path}: needs torch 2.7 or later (this is {torch.__version__})")
+
+
+# ----------------------------------------------------------------------------------------- optimizer, step and epoch
 
 CHECK_EVERY = 10  # steps between host syncs (loss check, progress bar, stop request)
 
@@ -89,7 +295,7 @@ class StopRequest:
 def train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn=None):
     """One optimizer step under autocast (``dtype`` None: float32); returns the loss, without a host sync.
 
-    ``loss_fn`` (a seglib.compiled.LossFunction: the forward pass and loss, maybe compiled) replaces
+    ``loss_fn`` (a seglib.engine.LossFunction: the forward pass and loss, maybe compiled) replaces
     ``criterion(model(x), target)``.
     """
     # before the forward pass: the last step's gradients are freed before this step's activations are made
@@ -173,14 +379,13 @@ def _seconds_per_image(model, args, dtype, criterion, height, width, n_classes=4
     y = torch.randint(0, n_classes, (args.batch_size, height, width), generator=torch.Generator().manual_seed(0))
     scaler = make_grad_scaler(torch.device("cpu"), dtype)
     ema = ModelEMA(model, args.ema) if args.ema else None
-    times = []
-    for _ in range(2 + 3):
-        t = time.perf_counter()
+
+    def step():
         train_step(model, criterion, optimizer, scaler, x, y, dtype)
         if ema is not None:
             ema.update(model)  # as the run does after every step
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[2:]) / args.batch_size
+
+    return timed(step, 3, 2, torch.device("cpu"), median=True) / args.batch_size
 
 
 def estimate_cpu_run(model, args, dtype, n_train, n_val, criterion=F.cross_entropy, n_test=0, elapsed=0.0,

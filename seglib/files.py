@@ -1,5 +1,9 @@
-"""Reading and writing files: images (turned upright from their EXIF orientation), JSON written through a
-temporary name, JSON lines (metrics.jsonl)."""
+"""Files a user gives and the files a run writes, and the errors a user can cause: images read upright and
+within a photo's size, JSON and JSON lines written under a temporary name then renamed, output names kept inside
+their folder, SHA-256 digests, progress bars drawn only on a terminal, and ``run_cli``, which turns a user's error
+into one line on stderr and exit status 1, never a traceback."""
+
+import hashlib
 import json
 import os
 import re
@@ -9,8 +13,74 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
-from seglib.errors import DataError
+
+# ------------------------------------------------------------------------------------------- errors a user can cause
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or incompatible checkpoint; the message names the file."""
+
+
+class UsageError(ValueError):
+    """A flag whose value is out of range or does not fit the run; the message names the flag and the value."""
+
+
+class DataError(ValueError):
+    """A problem with the dataset on disk; the message names the file and says what is wrong."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message says why and what was kept."""
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be written or does not match the model; the message names the file."""
+
+
+class ModelError(ValueError):
+    """An unknown model, or backbone weights that cannot be had or do not fit; the message says which."""
+
+
+USER_ERRORS = (DataError, CheckpointError, TrainingError, ExportError, ModelError, UsageError)
+
+
+def check_flags(args, rules):
+    """Raise UsageError for the first flag that breaks its rule. ``rules``: (flag, test of its value, what the
+    value must be), e.g. ``("--epochs", lambda v: v >= 1, "at least 1")``; a flag whose value is None (not
+    given) is not tested."""
+    for flag, ok, must in rules:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(ok(v) for v in values):
+            raise UsageError(f"{flag} {' '.join(map(str, values))}: must be {must}")
+
+
+def at_least(flag, n, why=""):
+    """The check_flags rule "``flag`` must be ``n`` or more" (``why``, if given, is said after it)."""
+    must = "0 or more" if n == 0 else f"at least {n}"
+    return flag, (lambda v: v >= n), f"{must} ({why})" if why else must
+
+
+def one_line(text):
+    """The first line of an exception's text (some libraries' messages run over many lines)."""
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def run_cli(main, parser):
+    """Run ``main(parser.parse_args())``. A user error, or a file that cannot be read or written (the OSError
+    names it), becomes one line on stderr and exit status 1, never a traceback."""
+    try:
+        main(parser.parse_args())
+    except USER_ERRORS as e:
+        sys.exit(f"error: {one_line(e)}")
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"error: {where}{e.strerror or one_line(e)}")
+
+
+# ------------------------------------------------------------------------------------------- images and output files
 
 MAX_PIXELS = 60_000_000  # a photo: the largest phone and camera sensors give about 50 megapixels
 EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores the photo turned
@@ -123,3 +193,21 @@ def read_metrics(path):
     if not rows or not all(isinstance(r, dict) and {"epoch", "seconds", "val"} <= set(r) for r in rows):
         raise DataError(f"{path}: no epoch records with 'epoch', 'seconds' and 'val'")
     return rows
+
+
+# ----------------------------------------------------------------------------------------- progress bars and digests
+
+def progress(iterable=None, total=None, desc=None, enabled=True, **options):
+    """A tqdm bar over ``iterable`` (or updated by hand up to ``total``), drawn on stderr when it is a terminal
+    and ``enabled`` (False on the ranks that are not the main one)."""
+    return tqdm(iterable, total=total, desc=desc, disable=None if enabled else True, dynamic_ncols=True,
+                mininterval=1.0, **options)
+
+
+def sha256_of(path):
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

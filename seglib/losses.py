@@ -5,7 +5,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from seglib.errors import UsageError
+from seglib.files import UsageError
+
 
 LOSSES = ("ce", "dice", "lovasz", "ce+dice", "ce+lovasz")
 

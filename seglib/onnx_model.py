@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from model_utils import inference_model
-from seglib.errors import CheckpointError
+from seglib.files import CheckpointError
+
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAMES = "images", ("logits", "labels")

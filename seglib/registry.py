@@ -24,8 +24,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, segmentation
 
 from fcn import build_fcn
-from seglib.errors import CheckpointError, ModelError
+from seglib.files import CheckpointError, ModelError
 from seglib.unet import build_unet
+
 
 DEFAULT_MODEL = "fcn_resnet56v2"
 

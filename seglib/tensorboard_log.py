@@ -9,9 +9,9 @@ import importlib.util
 
 import torch
 
-from seglib.inference import predict, to_input, upsample_argmax
-from seglib.metrics import SegmentationMetrics, confusion_matrix
+from seglib.inference import SegmentationMetrics, confusion_matrix, predict, to_input, upsample_argmax
 from seglib.plots import prediction_grid
+
 
 GRID_IMAGES = 4  # validation images in the epoch's prediction grid (the first of the split, the same each epoch)
 

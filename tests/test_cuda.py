@@ -19,15 +19,15 @@ import model_utils
 import train
 from data_generator import build_loader, make_dataset
 from fcn import build_fcn
-from model_utils import amp_dtype, inference_model, load_checkpoint, make_grad_scaler, save_checkpoint
+from model_utils import amp_dtype, inference_model, make_grad_scaler
+from seglib.checkpoints import load_checkpoint, save_checkpoint
 from resnet import L2_WEIGHT
 from seglib import engine
-from seglib.engine import build_optimizer, train_step
+from seglib.engine import BASE_LR, build_optimizer, train_step
 from seglib.inference import evaluate_model, to_input
 from seglib.losses import build_criterion
 from seglib.profiling import COMPILED_GROUP
 from seglib.registry import model_from_checkpoint
-from seglib.schedules import BASE_LR
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: GPU tests need a GPU")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,8 @@ import pytest
 
 import curves
 from seglib import plots
-from seglib.errors import DataError
-from seglib.files import read_metrics
+from seglib.files import DataError, read_metrics
+
 
 ROOT = curves.Path(curves.__file__).parent
 

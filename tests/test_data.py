@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import data_generator as dg
-from seglib import joint_transforms as jt
-from seglib import via
-from seglib.errors import DataError
+from seglib import annotations
+from seglib.files import DataError
+
 
 ROOT = Path(dg.__file__).parent
 
@@ -254,7 +254,7 @@ def test_the_attributes_of_a_list_type_fall_back_to_the_drinks_classes(tmp_path)
     doc = json.loads(path.read_text())
     doc["_via_attributes"] = ["region"]
     path.write_text(json.dumps(doc))
-    assert dg.load_annotations(tmp_path, "train").class_names == list(via.DEFAULT_CLASS_NAMES)
+    assert dg.load_annotations(tmp_path, "train").class_names == list(annotations.DEFAULT_CLASS_NAMES)
 
 
 def test_via1_regions_keyed_by_number_are_read(tmp_path):
@@ -299,7 +299,7 @@ def test_class_names_come_from_the_json_options(tmp_path):
     _via(tmp_path, [("a.jpg", [SQUARE])])
     assert dg.load_annotations(tmp_path, "train").class_names == ["background", "Water", "Soda", "Juice"]
     _via(tmp_path, [("a.jpg", [SQUARE])], options=False)
-    assert dg.load_annotations(tmp_path, "train").class_names == list(via.DEFAULT_CLASS_NAMES)
+    assert dg.load_annotations(tmp_path, "train").class_names == list(annotations.DEFAULT_CLASS_NAMES)
 
 
 def test_grayscale_and_rgba_become_rgb(tmp_path):
@@ -318,10 +318,10 @@ def test_images_of_different_sizes_keep_their_own_mask_size(tmp_path):
     _via(tmp_path, [("a.jpg", [SQUARE]), ("b.jpg", [SQUARE])])
     ann = dg.load_annotations(tmp_path, "train")
     assert [m.shape for m in ann.masks] == [(60, 80), (90, 120)]
-    ds = dg.SegmentationDataset(ann, jt.eval_transform(32, 40))
+    ds = dg.SegmentationDataset(ann, annotations.eval_transform(32, 40))
     images, masks = next(iter(dg.build_loader(ds, 2, train=False, workers=0)))
     assert images.shape == (2, 3, 32, 40) and [m.shape for m in masks] == [(60, 80), (90, 120)]
-    train_ds = dg.SegmentationDataset(ann, jt.train_transform(32, 40))
+    train_ds = dg.SegmentationDataset(ann, annotations.train_transform(32, 40))
     assert [tuple(train_ds[i][1].shape) for i in range(2)] == [(32, 40), (32, 40)]
 
 

@@ -11,7 +11,8 @@ from torchvision.transforms.v2 import functional as TF
 import data_generator as dg
 from model_utils import DistInfo
 from seglib import device_data as dd
-from seglib.joint_transforms import train_transform
+from seglib.annotations import train_transform
+
 
 CPU = torch.device("cpu")
 

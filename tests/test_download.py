@@ -13,7 +13,8 @@ import pytest
 
 import data_generator
 from seglib import download as dl
-from seglib.errors import DataError
+from seglib.files import DataError
+
 
 ROOT = dl.Path(data_generator.__file__).parent
 

@@ -8,9 +8,9 @@ from torch import nn
 
 import evaluate
 import train
-from model_utils import load_checkpoint
+from seglib.checkpoints import load_checkpoint
 from seglib import scoring
-from seglib.ema import ModelEMA
+from seglib.engine import ModelEMA
 from seglib.registry import model_from_checkpoint
 
 

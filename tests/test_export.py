@@ -15,11 +15,11 @@ from torchvision.transforms.v2 import functional as TF
 import data_generator as dg
 import evaluate
 import export
-from model_utils import load_checkpoint
-from seglib.errors import CheckpointError, ExportError
-from seglib.files import read_image
+from seglib.checkpoints import load_checkpoint
+from seglib.files import CheckpointError, ExportError, read_image
 from seglib.onnx_model import CONFIG_KEY, OnnxModel, read_metadata
 from seglib.registry import model_from_checkpoint
+
 
 ROOT = dg.Path(dg.__file__).parent
 

@@ -14,12 +14,12 @@ from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
 import train
-from model_utils import load_checkpoint, make_grad_scaler
+from model_utils import make_grad_scaler
+from seglib.checkpoints import BackgroundWriter, host_copy, load_checkpoint
 from seglib import checkpoints
-from seglib.checkpoints import BackgroundWriter, host_copy
-from seglib.compiled import LossFunction
-from seglib.engine import build_optimizer, train_step
+from seglib.engine import LossFunction, build_optimizer, train_step
 from seglib.registry import build_model
+
 
 ROOT = train.Path(train.__file__).parent
 COMMON = ["--height", 40, "--width", 48, "--limit", 24, "--val-fraction", 0.005, "--deterministic", "--no-test",
@@ -153,17 +153,17 @@ def test_compiled_run_compiles_once_per_progressive_size(tmp_path, drinks, capsy
 
 
 def test_compile_cache_file_is_written_atomically_and_needs_a_recent_torch(tmp_path, monkeypatch):
-    from seglib import compiled
-    from seglib.errors import UsageError
+    from seglib import engine
+    from seglib.files import UsageError
 
     path = tmp_path / "cache" / "step.bin"
-    assert compiled.load_compile_cache(path) is False  # nothing there yet: compile afresh
+    assert engine.load_compile_cache(path) is False  # nothing there yet: compile afresh
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None), raising=False)
-    assert compiled.save_compile_cache(path) and path.read_bytes() == b"artifacts"
+    assert engine.save_compile_cache(path) and path.read_bytes() == b"artifacts"
     assert not list(path.parent.glob(".*.tmp"))
     loaded = []
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append, raising=False)
-    assert compiled.load_compile_cache(path) and loaded == [b"artifacts"]
+    assert engine.load_compile_cache(path) and loaded == [b"artifacts"]
     monkeypatch.delattr(torch.compiler, "save_cache_artifacts")
     with pytest.raises(UsageError, match="--compile-cache .*needs torch 2.7"):
-        compiled.load_compile_cache(path)
+        engine.load_compile_cache(path)

@@ -5,7 +5,8 @@ range (65504) is the risk. Run on the CPU, which has fp16 kernels too."""
 import torch
 
 from data_generator import build_loader, make_dataset
-from model_utils import inference_model, load_checkpoint
+from model_utils import inference_model
+from seglib.checkpoints import load_checkpoint
 from seglib.inference import to_input, upsample_argmax
 from seglib.registry import model_from_checkpoint
 

@@ -1,12 +1,11 @@
-"""seglib/joint_transforms.py: augmentation keeps image and mask aligned; flip mirrors both together."""
+"""seglib/annotations.py: augmentation keeps image and mask aligned; flip mirrors both together."""
 import numpy as np
 import pytest
 import torch
 from torchvision import tv_tensors
 
 import data_generator as dg
-from seglib import joint_transforms as jt
-from seglib import plots
+from seglib import annotations, plots
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +16,7 @@ def test_ann(drinks):
 def test_augmented_image_and_mask_stay_aligned(test_ann):
     """Paint each class in its palette colour, augment, and read the classes back from the colours."""
     palette = np.asarray(plots.PALETTE[:4], dtype=np.uint8)  # the drinks classes
-    transform = jt.train_transform(240, 320, "full")
+    transform = annotations.train_transform(240, 320, "full")
     torch.manual_seed(0)
     for i in range(12):
         mask = test_ann.mask(i)
@@ -34,12 +33,12 @@ def test_augmented_image_and_mask_stay_aligned(test_ann):
 def test_flip_augmentation_only_mirrors_image_and_mask_together(test_ann):
     mask = tv_tensors.Mask(torch.from_numpy(test_ann.mask(0)))
     image = tv_tensors.Image(torch.from_numpy(np.asarray(plots.PALETTE, dtype=np.uint8)[mask.numpy()]).permute(2, 0, 1))
-    resize = jt.train_transform(120, 160, "none")
+    resize = annotations.train_transform(120, 160, "none")
     plain = resize(image, mask)
     mirrored = resize(tv_tensors.Image(image.flip(-1)), tv_tensors.Mask(mask.flip(-1)))
     assert plain[0].shape == (3, 120, 160) and plain[1].shape == (120, 160)
     assert not torch.equal(plain[1], mirrored[1])
-    flip = jt.train_transform(120, 160, "flip")
+    flip = annotations.train_transform(120, 160, "flip")
     flipped = []
     for seed in range(8):
         torch.manual_seed(seed)
@@ -49,4 +48,4 @@ def test_flip_augmentation_only_mirrors_image_and_mask_together(test_ann):
         flipped.append(expected is mirrored)
     assert any(flipped) and not all(flipped)
     with pytest.raises(ValueError, match="augment must be one of full, flip, none"):
-        jt.train_transform(120, 160, "crop")
+        annotations.train_transform(120, 160, "crop")

@@ -11,11 +11,10 @@ from torch import nn
 import evaluate
 import export
 from fcn import build_fcn
-from model_utils import load_checkpoint
+from seglib.checkpoints import load_checkpoint, load_keras_fcn
 from resnet import ConvBNReLU, ConvTranspose2d
 from seglib.engine import KerasAdam, build_optimizer
-from seglib.errors import CheckpointError
-from seglib.keras_weights import load_keras_fcn
+from seglib.files import CheckpointError
 from seglib.registry import model_from_checkpoint
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 CARD_LIBRARIES = {"resnet", "fcn", "data_generator", "model_utils"}  # the card's files that scripts import
 HUB = "hubconf"  # torch.hub's entry file: it must sit at the top and run nothing
@@ -86,12 +87,13 @@ def test_modules_are_small_and_say_their_job(graph):
         assert ast.get_docstring(ast.parse(text)), f"{name} has no module docstring"
 
 
-BOTTOM = {"resnet", "fcn", "model_utils"}  # the model files and the run helpers, beneath the package
+BOTTOM = {"resnet", "fcn"}  # the model files, beneath everything
+LIBRARY = {"model_utils"}  # the card's run helpers: import-only, on the package's floor
 
 
 def _floor(module):
-    """2: the scripts on top (data_generator among them); 1: the package; 0: the files it stands on."""
-    return 0 if module in BOTTOM else 1 if module.startswith("seglib") else 2
+    """2: the scripts on top (data_generator among them); 1: the package and model_utils; 0: the model files."""
+    return 0 if module in BOTTOM else 1 if module.startswith("seglib") or module in LIBRARY else 2
 
 
 def test_house_reads_top_down(graph):
@@ -99,7 +101,7 @@ def test_house_reads_top_down(graph):
     edges, _ = graph
     up = [f"{m} imports {d}" for m in sorted(edges) for d in sorted(edges[m]) if _floor(d) > _floor(m)]
     assert not up, up
-    assert edges["model_utils"] == set()
+    assert edges["model_utils"] == {"seglib.files"}  # the one error it raises (UsageError) lives with the others
     assert {d for m in edges if m.startswith("seglib") for d in edges[m]} & {"data_generator", "train"} == set()
 
 

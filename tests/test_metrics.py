@@ -1,9 +1,9 @@
-"""seglib/metrics.py: both mIoU definitions against hand-computed examples, and the confusion matrix."""
+"""seglib/inference.py: both mIoU definitions against hand-computed examples, and the confusion matrix."""
 import pytest
 import torch
 
-from seglib import metrics
-from seglib.metrics import SegmentationMetrics
+from seglib import inference
+from seglib.inference import SegmentationMetrics
 
 
 def test_metrics_by_hand_with_absent_classes():
@@ -45,7 +45,7 @@ def test_confusion_matrix_counts_every_pixel_pair():
     expected = torch.zeros(4, 4, dtype=torch.int64)
     for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
         expected[t, p] += 1
-    got = metrics.confusion_matrix(pred.to(torch.uint8), target.to(torch.uint8), 4)
+    got = inference.confusion_matrix(pred.to(torch.uint8), target.to(torch.uint8), 4)
     assert got.dtype == torch.int64 and torch.equal(got, expected)
 
 

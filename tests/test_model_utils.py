@@ -9,7 +9,7 @@ import torch
 
 import model_utils as mu
 from fcn import build_fcn
-from seglib.errors import CheckpointError
+from seglib.files import CheckpointError
 from seglib.registry import SAME_PADDING, model_from_checkpoint
 
 

@@ -8,8 +8,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import benchmark
-from seglib.epoch_timing import epoch_figures
-from seglib.profiling import COMPILED_GROUP, categorise, profile_steps, summarise
+from seglib.profiling import COMPILED_GROUP, categorise, epoch_figures, profile_steps, summarise
+
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,7 @@ import torch
 import data_generator as dg
 import evaluate
 import export
-from model_utils import load_checkpoint
+from seglib.checkpoints import load_checkpoint
 from seglib import scoring
 from seglib.registry import model_from_checkpoint
 

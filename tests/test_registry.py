@@ -17,7 +17,7 @@ import model_utils as mu
 import train
 from fcn import build_fcn
 from seglib import engine, registry
-from seglib.errors import CheckpointError, ModelError, TrainingError
+from seglib.files import CheckpointError, ModelError, TrainingError
 from seglib.registry import MODELS, build_model
 
 

@@ -12,10 +12,11 @@ import torch
 
 import export
 import hubconf
-from model_utils import load_checkpoint
+from seglib.checkpoints import load_checkpoint
 from seglib import scoring
-from seglib.errors import CheckpointError, ModelError
+from seglib.files import CheckpointError, ModelError
 from seglib.registry import MODELS, model_from_checkpoint
+
 
 ROOT = export.Path(export.__file__).parent
 

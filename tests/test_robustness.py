@@ -18,8 +18,8 @@ import data_generator
 import evaluate
 import export
 import train
-from seglib.errors import DataError, run_cli
-from seglib.files import image_size, output_names, read_image
+from seglib.files import DataError, image_size, output_names, read_image, run_cli
+
 
 SCRIPTS = {"train": train, "evaluate": evaluate, "export": export, "benchmark": benchmark, "curves": curves,
            "data_generator": data_generator}

@@ -15,9 +15,10 @@ from PIL import Image
 import data_generator as dg
 import evaluate
 import train
-from model_utils import load_checkpoint
+from seglib.checkpoints import load_checkpoint
 from seglib import engine, inference, scoring
-from seglib.errors import TrainingError, UsageError
+from seglib.files import TrainingError, UsageError
+
 
 ROOT = dg.Path(dg.__file__).parent
 
