@@ -29,17 +29,31 @@ import torch
 from torch import nn
 
 from data_generator import build_loader, default_data_path, make_dataset
-from model_utils import (amp_dtype, default_workers, get_device, inference_model, keep_freed_memory, make_grad_scaler,
-                         seed_everything)
+from model_utils import (
+    amp_dtype,
+    default_workers,
+    get_device,
+    inference_model,
+    keep_freed_memory,
+    make_grad_scaler,
+    seed_everything,
+)
 from resnet import L2_WEIGHT, ConvTranspose2d
 from seglib.engine import BASE_LR, COMPILE_MODES, LossFunction, build_optimizer, train_step
-from seglib.profiling import (format_epochs, format_profile, model_gflops, profile_steps, release_device_memory,
-                              time_epochs, timed, training_gbytes)
 from seglib.files import DataError, at_least, check_flags, run_cli
 from seglib.inference import to_input
 from seglib.losses import build_criterion
+from seglib.profiling import (
+    format_epochs,
+    format_profile,
+    model_gflops,
+    profile_steps,
+    release_device_memory,
+    time_epochs,
+    timed,
+    training_gbytes,
+)
 from seglib.registry import MODELS, build_model, model_options
-
 
 # Dense bf16 (fp16 where the card has no bf16) tensor-core TFLOP/s from NVIDIA's datasheets, by a part of
 # the name torch reports; the first match wins, so the specific names come first
@@ -214,38 +228,42 @@ def with_peak_memory(r, name, device, measure):
 def get_args_parser():
     """Flags of benchmark.py."""
     p = argparse.ArgumentParser(description="Throughput, FLOPs and MFU of a model, fast path against float32 eager.")
-    p.add_argument("--model", default="fcn_resnet56v2", choices=MODELS, help="model to measure (seglib/registry.py)")
-    p.add_argument("--height", type=int, default=240, help="input height")
-    p.add_argument("--width", type=int, default=320, help="input width")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 3 on a CPU, 20 on a GPU)")
-    p.add_argument("--warmup", type=int, default=None,
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--model", default="fcn_resnet56v2", choices=MODELS, help="model to measure (seglib/registry.py)")
+    g.add_argument("--height", type=int, default=240, help="input height")
+    g.add_argument("--width", type=int, default=320, help="input width")
+    g.add_argument("--batch-size", type=int, default=4, help="images per step")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    g.add_argument("--data-only", action="store_true", help="measure only the data pipeline (no model)")
+    g.add_argument("--json", action="store_true", help="print one JSON line")
+    g = p.add_argument_group("timing")
+    g.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 3 on a CPU, 20 on a GPU)")
+    g.add_argument("--warmup", type=int, default=None,
                    help="untimed steps before each measurement (default: 2 on a CPU, 5 on a GPU, where cuDNN's "
                         "autotuning runs in them)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    p.add_argument("--compile", action="store_true", help="the fast training step compiled as train.py --compile does")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of --compile")
-    p.add_argument("--profile", action="store_true", help="also profile the fast training step (where its time goes)")
-    p.add_argument("--epoch", action="store_true",
-                   help="also time whole epochs of train.py itself (data, steps, validation, checkpoint): epoch_s, "
-                        "epoch_img_s and book_run_min, the book's 100 epochs in minutes")
-    p.add_argument("--epoch-count", type=int, default=3, help="epochs of the --epoch run; the first is reported apart")
-    p.add_argument("--epoch-limit", type=int, default=None,
-                   help="training images of the --epoch run (default: the whole split, as a user's run)")
-    p.add_argument("--epoch-flags", default="",
-                   help="more train.py flags for the --epoch run, as one string, e.g. \"--compile\"")
-    p.add_argument("--infer-compile", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--compile", action="store_true", help="the fast training step compiled as train.py --compile does")
+    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of --compile")
+    g.add_argument("--infer-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="infer_img_s through evaluate.py --compile's frozen graph (needs a C++ compiler on the "
                         "CPU); --no-infer-compile: the eager fast path (default: on for a CPU without --compile, "
                         "else off, so a run compiles once at most)")
-    p.add_argument("--data-only", action="store_true", help="measure only the data pipeline (no model)")
-    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the ONNX export under onnxruntime (CPU only)")
-    p.add_argument("--data-path", default=default_data_path(), help="dataset for the data pipeline measurement")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
+    g = p.add_argument_group("where the time goes")
+    g.add_argument("--profile", action="store_true", help="also profile the fast training step (where its time goes)")
+    g.add_argument("--epoch", action="store_true",
+                   help="also time whole epochs of train.py itself (data, steps, validation, checkpoint): epoch_s, "
+                        "epoch_img_s and book_run_min, the book's 100 epochs in minutes")
+    g.add_argument("--epoch-count", type=int, default=3, help="epochs of the --epoch run; the first is reported apart")
+    g.add_argument("--epoch-limit", type=int, default=None,
+                   help="training images of the --epoch run (default: the whole split, as a user's run)")
+    g.add_argument("--epoch-flags", default="",
+                   help="more train.py flags for the --epoch run, as one string, e.g. \"--compile\"")
+    g = p.add_argument_group("the data pipeline")
+    g.add_argument("--data-path", default=default_data_path(), help="dataset for the data pipeline measurement")
+    g.add_argument("--workers", type=int, nargs="+", default=None,
                    help="loader worker counts to time the data pipeline with, e.g. 1 2 16 (default: train.py's)")
-    p.add_argument("--data-images", type=int, default=200, help="images to time the data pipeline on, per worker count")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
+    g.add_argument("--data-images", type=int, default=200, help="images to time the data pipeline on, per worker count")
     return p
 
 

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from seglib.files import DataError, read_metrics, run_cli
-from seglib.profiling import model_gflops
 from seglib.plots import finish_figure, pyplot
+from seglib.profiling import model_gflops
 from seglib.registry import checkpoint_model
 
 

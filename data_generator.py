@@ -25,13 +25,26 @@ from pathlib import Path
 
 import numpy as np
 
-from seglib.annotations import (Annotations, EpochSampler, SegmentationDataset, ShardSampler, build_loader, check_entry,
-                                collate_eval, data_folder, default_data_path, eval_transform, load_annotations,
-                                make_dataset, read_via, split_indices, train_transform)
+from seglib.annotations import (
+    Annotations,
+    EpochSampler,
+    SegmentationDataset,
+    ShardSampler,
+    build_loader,
+    check_entry,
+    collate_eval,
+    data_folder,
+    default_data_path,
+    eval_transform,
+    load_annotations,
+    make_dataset,
+    read_via,
+    split_indices,
+    train_transform,
+)
 from seglib.download import ANNOTATION_FILES, download_drinks
 from seglib.files import DataError, at_least, check_flags, progress, run_cli
 from seglib.plots import save_annotation_figure
-
 
 # What the scripts and a user's own code take from here (the datasets live in seglib/annotations.py, so that the
 # package never imports this script).

@@ -23,7 +23,6 @@ from seglib.inference import TTA_MODES, input_dtype, predict, predictor, to_inpu
 from seglib.plots import overlay, save_image, save_mask_png
 from seglib.scoring import evaluate_checkpoint, load_model
 
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -84,40 +83,44 @@ def segment_files(weights, paths, out_dir, device=None, amp=True, compile=False,
 def get_args_parser():
     """Flags of evaluate.py."""
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint (any registered model) on the drinks dataset.")
-    parser.add_argument("--weights", required=True,
-                        help="checkpoint, e.g. weights/<run>/best.pt, a .onnx file from export.py (onnxruntime), or "
-                             "the book's Keras weights file (.h5), scored at 480x640")
-    parser.add_argument("--data-path", default=default_data_path(),
-                        help="dataset folder (default: $DRINKS_DATA or dataset/drinks)")
-    parser.add_argument("--split", default="test", choices=["test", "train", "val"],
-                        help="split to score; train/val use the checkpoint's validation fraction and seed")
-    parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
-    parser.add_argument("--save-predictions", default=None, help="folder for one class-index PNG per image")
-    parser.add_argument("--figures", type=int, default=6,
-                        help="images in samples.png (0: no figures); worst.png and confusion_matrix.png come with it")
-    parser.add_argument("--figures-dir", default=None, help="folder for the figures (default: figures/<run>)")
-    parser.add_argument("--image-file", nargs="+", default=None,
-                        help="segment these image files or folders instead of a split")
-    parser.add_argument("--output-dir", default=None,
-                        help="folder for --image-file outputs (default: figures/<run>/predictions)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N images of the split")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast where supported (--no-amp: float32)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels_last memory format (faster convolutions on CPU and GPU)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="run a frozen torch.compile graph: 3-9%% faster on the CPU after a compile of 5-10 s, "
-                             "so worth it for large splits and folders of images")
-    parser.add_argument("--tta", default="none", choices=TTA_MODES,
-                        help="test-time augmentation: flip averages the logits of each image and its mirror "
-                             "(twice the compute)")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="score the EMA weights of a checkpoint trained with --ema (what it validated); --no-ema "
-                             "scores its trained weights")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random images in samples.png")
+    g = parser.add_argument_group("what to score")
+    g.add_argument("--weights", required=True,
+                   help="checkpoint, e.g. weights/<run>/best.pt, a .onnx file from export.py (onnxruntime), or "
+                        "the book's Keras weights file (.h5), scored at 480x640")
+    g.add_argument("--data-path", default=default_data_path(),
+                   help="dataset folder (default: $DRINKS_DATA or dataset/drinks)")
+    g.add_argument("--split", default="test", choices=["test", "train", "val"],
+                   help="split to score; train/val use the checkpoint's validation fraction and seed")
+    g.add_argument("--image-file", nargs="+", default=None,
+                   help="segment these image files or folders instead of a split")
+    g.add_argument("--limit", type=int, default=None, help="score only the first N images of the split")
+    g = parser.add_argument_group("model")
+    g.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation: flip averages the logits of each image and its mirror "
+                        "(twice the compute)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the EMA weights of a checkpoint trained with --ema (what it validated); --no-ema "
+                        "scores its trained weights")
+    g = parser.add_argument_group("outputs")
+    g.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    g.add_argument("--save-predictions", default=None, help="folder for one class-index PNG per image")
+    g.add_argument("--figures", type=int, default=6,
+                   help="images in samples.png (0: no figures); worst.png and confusion_matrix.png come with it")
+    g.add_argument("--figures-dir", default=None, help="folder for the figures (default: figures/<run>)")
+    g.add_argument("--output-dir", default=None,
+                   help="folder for --image-file outputs (default: figures/<run>/predictions)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random images in samples.png")
+    g = parser.add_argument_group("speed")
+    g.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast where supported (--no-amp: float32)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (faster convolutions on CPU and GPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="run a frozen torch.compile graph: 3-9%% faster on the CPU after a compile of 5-10 s, "
+                        "so worth it for large splits and folders of images")
     return parser
 
 

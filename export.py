@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from data_generator import build_loader, default_data_path, make_dataset
-from seglib.checkpoints import is_keras_file, load_checkpoint, load_weights_file, release_state, write_release
 from seglib.annotations import split_of
+from seglib.checkpoints import is_keras_file, load_checkpoint, load_weights_file, release_state, write_release
 from seglib.files import DataError, ExportError, at_least, check_flags, progress, run_cli
 from seglib.inference import to_input
 from seglib.onnx_model import OPSET, OnnxModel, export_onnx
@@ -85,20 +85,22 @@ def write_onnx(model, ckpt, weights, output, opset=OPSET):
 def get_args_parser():
     """Flags of export.py."""
     p = argparse.ArgumentParser(description="Export a checkpoint to ONNX and check it against PyTorch.")
-    p.add_argument("--weights", required=True, help="checkpoint to export, e.g. weights/<run>/best.pt")
-    p.add_argument("--format", default="onnx", choices=["onnx", "weights"],
+    g = p.add_argument_group("what to export")
+    g.add_argument("--weights", required=True, help="checkpoint to export, e.g. weights/<run>/best.pt")
+    g.add_argument("--format", default="onnx", choices=["onnx", "weights"],
                    help="onnx: an ONNX graph for onnxruntime; weights: the model's weights alone, named with their "
                         "hash, for torch.hub and evaluate.py")
-    p.add_argument("--output", default=None,
+    g.add_argument("--output", default=None,
                    help="file to write (default: the checkpoint's name with .onnx; with --format weights, the run "
                         "folder's name in the checkpoint's folder, with -<hash>.pt appended to the stem)")
-    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
-    p.add_argument("--data-path", default=default_data_path(),
+    g.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    g = p.add_argument_group("the check against PyTorch")
+    g.add_argument("--data-path", default=default_data_path(),
                    help="dataset whose test images check the export (default: $DRINKS_DATA or dataset/drinks)")
-    p.add_argument("--check-images", type=int, default=4,
+    g.add_argument("--check-images", type=int, default=4,
                    help="test images to compare onnxruntime with PyTorch on, seeded random images where the dataset "
                         "is not found (0: no check)")
-    p.add_argument("--min-agreement", type=float, default=0.999,
+    g.add_argument("--min-agreement", type=float, default=0.999,
                    help="least share of pixels whose argmax must agree with PyTorch float32")
     return p
 

@@ -17,11 +17,6 @@ from torch import nn
 from seglib.files import UsageError
 
 
-
-
-
-
-
 def keep_freed_memory():
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel. Linux only.
 

@@ -20,7 +20,6 @@ from torchvision.transforms import v2
 from seglib.download import ANNOTATION_FILES, DEFAULT_DATA_PATH
 from seglib.files import DataError, UsageError, image_size, read_image
 
-
 # ------------------------------------------------------------------------------------------- VIA files to class maps
 
 DEFAULT_CLASS_NAMES = ("background", "Water", "Soda", "Juice")

@@ -18,8 +18,7 @@ from fcn import build_fcn
 from model_utils import rng_state
 from seglib.annotations import DEFAULT_CLASS_NAMES
 from seglib.files import CheckpointError, ExportError, ModelError, UsageError, read_jsonl, sha256_of
-from seglib.registry import (DEFAULT_MODEL, SAME_PADDING, build_model, checkpoint_model, model_from_checkpoint,
-                             model_options)
+from seglib.registry import DEFAULT_MODEL, SAME_PADDING, build_model, checkpoint_model, model_from_checkpoint, model_options
 
 # ----------------------------------------------------------------------------------------------- checkpoints on disk
 
@@ -131,7 +130,7 @@ class BackgroundWriter:
     in memory), then starts the new one. A job's error is raised by the next ``submit`` or ``wait``. Use it as a
     context manager: leaving waits for the last job. ``threaded=False`` runs the jobs at once instead: on a
     CPU the training's threads already use every core, and a job beside them slows them by more than it takes.
-    Each checkpoint is still written to a temporary name and renamed (model_utils.save_checkpoint), so a kill
+    Each checkpoint is still written to a temporary name and renamed (save_checkpoint), so a kill
     at any moment leaves the previous file or the new one.
     """
 

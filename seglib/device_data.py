@@ -15,7 +15,6 @@ from torch.nn import functional as F
 
 from seglib.annotations import CROP_SCALE, JITTER, build_loader, crop_ratio
 
-
 DEVICE_SHARE = 0.25  # the decoded data may take at most this share of a GPU's memory (see data_on_device)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's operations, in its numbering
 

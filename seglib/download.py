@@ -18,7 +18,6 @@ from pathlib import Path
 
 from seglib.files import DataError, sha256_of
 
-
 DEFAULT_DATA_PATH = "dataset/drinks"
 ANNOTATION_FILES = {"train": "segmentation_train.json", "test": "segmentation_test.json"}
 

@@ -6,6 +6,8 @@ import copy
 import math
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +20,6 @@ from seglib.files import TrainingError, UsageError, progress
 from seglib.inference import to_input, tta_cost
 from seglib.profiling import timed
 from seglib.recipes import epoch_sizes
-
 
 # ------------------------------------------------------------------------------------------- learning-rate schedules
 # The book's step schedule, the same scaled to the run, cosine and poly, each with an optional linear warmup. Every
@@ -314,57 +315,88 @@ def train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn=No
     return loss
 
 
-def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch, args, dtype, stop, start_step,
-                    loss_state, is_main, world_size, lr_fn, after_step=None, loss_fn=None, log_step=None):
-    """Train one epoch from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each step and
-    calling ``after_step()`` (the EMA update) after it. Returns (loss_state, next_step, stopped).
-    ``loader`` may be a DataLoader or a seglib.device_data.DeviceTrainLoader; ``loss_fn``: see ``train_step``
-    (a step that compiles a new shape is timed and reported). ``log_step(step, running loss, lr)`` is called
-    where the loop syncs anyway (TensorBoard).
+@dataclass
+class Trainer:
+    """What every training step of a run shares, built once (train.py's ``setup``)."""
 
-    ``loss_state`` is a (2,) float64 tensor on ``device``: summed loss and step count of this epoch. The loop
-    syncs with the host only every CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress
-    bar and, when distributed, agrees on a stop with the other ranks.
+    model: torch.nn.Module  # as saved and validated; the EMA follows it
+    criterion: Callable  # (logits, target) -> loss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None = None  # the autocast dtype; None: float32
+    channels_last: bool = False
+    trained: torch.nn.Module | None = None  # the module the steps run (DDP-wrapped); None: ``model``
+    loss_fn: LossFunction | None = None  # the forward and loss, maybe compiled (train_step); None: eager
+    ema: ModelEMA | None = None  # updated after every step
+    is_main: bool = True
+    world_size: int = 1
+    last_path: Path | None = None  # named when the loss stops being finite
+    loss_state: torch.Tensor | None = None  # (2,) float64 on the device: the epoch's summed loss and step count
+
+    def __post_init__(self):
+        self.trained = self.model if self.trained is None else self.trained
+        if self.loss_state is None:
+            self.loss_state = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def step(self, x, target):
+        """One optimizer step on a batch, then the EMA's; returns the loss tensor (no host sync)."""
+        loss = train_step(self.trained, self.criterion, self.optimizer, self.scaler, x, target, self.dtype,
+                          self.loss_fn)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss
+
+
+def train_one_epoch(trainer, loader, epoch, epochs, lr_fn, stop, start_step=0, log_step=None):
+    """Train one epoch of ``epochs`` from ``start_step``, setting the rate ``lr_fn(step in epoch)`` before each
+    step. Returns (next step, whether a stop was requested). ``loader`` may be a DataLoader or a
+    seglib.device_data.DeviceTrainLoader; ``stop`` a StopRequest; ``log_step(step, running loss, lr)`` is called
+    where the loop syncs anyway (TensorBoard). A step that compiles a new shape is timed and reported.
+
+    The epoch's loss adds up in ``trainer.loss_state`` on the device. The loop syncs with the host only every
+    CHECK_EVERY steps: then it checks the loss is finite, refreshes the progress bar and, when distributed, agrees
+    on a stop with the other ranks.
     """
-    model.train()
+    t = trainer
+    t.trained.train()
     steps = start_step + len(loader)
-    bar = progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=is_main)
+    bar = progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}", enabled=t.is_main)
     t0, seen, step = time.perf_counter(), 0, start_step
     for images, masks in loader:
-        x = to_input(images, device, args.channels_last)  # (B, 3, H, W) float
-        target = masks.to(device, non_blocking=True).long()  # (B, H, W)
+        x = to_input(images, t.device, t.channels_last)  # (B, 3, H, W) float
+        target = masks.to(t.device, non_blocking=True).long()  # (B, H, W)
         lr = lr_fn(step)
-        set_lr(optimizer, lr)
-        with CompileTimer(loss_fn, x, verbose=is_main):
-            loss = train_step(model, criterion, optimizer, scaler, x, target, dtype, loss_fn)
-        if after_step is not None:
-            after_step()
-        loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+        set_lr(t.optimizer, lr)
+        with CompileTimer(t.loss_fn, x, verbose=t.is_main):
+            loss = t.step(x, target)
+        t.loss_state += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=t.device)])
         step += 1
-        seen += images.shape[0] * world_size
+        seen += images.shape[0] * t.world_size
         bar.update(1)
         # under DDP every rank must reach the all_reduce below at the same steps, whichever rank saw Ctrl-C and
         # when: a rank that entered it alone would pair it with the others' gradient all_reduce and hang
-        if step % CHECK_EVERY == 0 or step == steps or (stop.requested and world_size == 1):
+        if step % CHECK_EVERY == 0 or step == steps or (stop.requested and t.world_size == 1):
             # (stop asked, loss not finite) on the device; summed over the ranks, then read with the running
             # loss in one host sync
-            flags = torch.stack([torch.full_like(loss_state[0], float(stop.requested)),
-                                 (~torch.isfinite(loss_state[0])).to(loss_state.dtype)])
-            if world_size > 1:
+            state = t.loss_state
+            flags = torch.stack([torch.full_like(state[0], float(stop.requested)),
+                                 (~torch.isfinite(state[0])).to(state.dtype)])
+            if t.world_size > 1:
                 dist.all_reduce(flags)
-            stop_asked, not_finite, running = torch.cat([flags, (loss_state[0] / loss_state[1]).reshape(1)]).tolist()
+            stop_asked, not_finite, running = torch.cat([flags, (state[0] / state[1]).reshape(1)]).tolist()
             if not_finite > 0:
                 raise TrainingError(f"loss is not finite at epoch {epoch + 1} step {step}: stopping; "
-                                    f"{Path(args.output_dir) / args.run_name / 'last.pt'} keeps the last good state")
+                                    f"{t.last_path or 'last.pt'} keeps the last good state")
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             if log_step is not None:
                 log_step(step, running, lr)
             if stop_asked > 0:
                 bar.close()
-                return loss_state, step, True
+                return step, True
     bar.close()
-    return loss_state, step, False
+    return step, False
 
 
 def _seconds_per_image(model, args, dtype, criterion, height, width, n_classes=4):

@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-
 # ------------------------------------------------------------------------------------------- errors a user can cause
 
 class CheckpointError(ValueError):

@@ -9,7 +9,6 @@ from torch.nn import functional as F
 from model_utils import amp_dtype, inference_model
 from seglib.files import progress
 
-
 # ----------------------------------------------------------------------------------------------------------- metrics
 # Both definitions: the book's per-image mIoU and the dataset-level mIoU of one confusion matrix, accumulated on the
 # device (no host sync per image) and summed over DDP ranks.

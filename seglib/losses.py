@@ -7,7 +7,6 @@ from torch.nn import functional as F
 
 from seglib.files import UsageError
 
-
 LOSSES = ("ce", "dice", "lovasz", "ce+dice", "ce+lovasz")
 
 

@@ -26,7 +26,6 @@ from torch import nn
 from model_utils import inference_model
 from seglib.files import CheckpointError
 
-
 OPSET = 17
 INPUT_NAME, OUTPUT_NAMES = "images", ("logits", "labels")
 CONFIG_KEY = "fcn_drinks_config"  # marks a file as this project's: the checkpoint's config, as JSON

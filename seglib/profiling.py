@@ -7,9 +7,9 @@ import gc
 import json
 import math
 import shlex
+import statistics
 import subprocess
 import sys
-import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -26,7 +26,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from model_utils import synchronize
 from seglib.files import TrainingError
 from seglib.registry import build_model
-
 
 # ----------------------------------------------------------------------------------------- step time and its profile
 

@@ -5,7 +5,7 @@ import argparse
 # Named recipes: `--recipe NAME` makes these the defaults of their flags; flags given explicitly still win.
 # cpu: chosen on the validation split to train, validate and test in 26 minutes on 2 cores of a Zen 4 EPYC
 # (README.md); its first half of the epochs at 64x88 pays for two more epochs than the 10 of the recipe before
-# it, which the same flags less the last five give (RESULTS.md, levers)
+# it, which the same flags less the last four give (RESULTS.md, levers)
 # cpu-fast: the cpu recipe cut to 5 epochs (3 at 64x88) and validated without TTA, to run in at most 45% of its
 # time; it scores below it (RESULTS.md, a faster CPU recipe)
 RECIPES = {

@@ -27,7 +27,6 @@ from fcn import build_fcn
 from seglib.files import CheckpointError, ModelError
 from seglib.unet import build_unet
 
-
 DEFAULT_MODEL = "fcn_resnet56v2"
 
 

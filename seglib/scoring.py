@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 
 from model_utils import get_device
+from seglib.annotations import build_loader, make_dataset, split_of
+from seglib.checkpoints import load_weights_file
 from seglib.files import DataError, output_names, write_json
 from seglib.inference import evaluate_model, format_metrics_table, input_dtype, tta_cost, tta_views
-from seglib.checkpoints import load_weights_file
-from seglib.annotations import build_loader, make_dataset, split_of
 from seglib.plots import save_confusion_figure, save_mask_png, save_prediction_grid
 from seglib.registry import has_ema, model_from_checkpoint
 

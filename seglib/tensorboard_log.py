@@ -12,7 +12,6 @@ import torch
 from seglib.inference import SegmentationMetrics, confusion_matrix, predict, to_input, upsample_argmax
 from seglib.plots import prediction_grid
 
-
 GRID_IMAGES = 4  # validation images in the epoch's prediction grid (the first of the split, the same each epoch)
 
 

@@ -4,7 +4,6 @@ TensorBoard on CUDA, CUDA evaluation against CPU float32, the frozen compiled gr
 profile and epoch timing too) and a 2-process NCCL run. They run where CUDA is available (the GPU plan of
 ../shared/gpu/README.md runs this file there) and are skipped, with the reason, elsewhere; the amp choice by GPU
 generation is monkeypatched and runs everywhere."""
-import argparse
 import json
 import os
 import subprocess
@@ -20,9 +19,9 @@ import train
 from data_generator import build_loader, make_dataset
 from fcn import build_fcn
 from model_utils import amp_dtype, inference_model, make_grad_scaler
-from seglib.checkpoints import load_checkpoint, save_checkpoint
 from resnet import L2_WEIGHT
 from seglib import engine
+from seglib.checkpoints import load_checkpoint, save_checkpoint
 from seglib.engine import BASE_LR, build_optimizer, train_step
 from seglib.inference import evaluate_model, to_input
 from seglib.losses import build_criterion
@@ -99,18 +98,18 @@ def test_an_epoch_and_an_evaluation_sync_only_at_the_checks(drinks):
     loader = build_loader(train_set, 4, True, workers=0)  # 20 steps
     model = build_fcn().to(CUDA, memory_format=torch.channels_last)
     optimizer, scaler = build_optimizer(model, BASE_LR, L2_WEIGHT), make_grad_scaler(CUDA, dtype)
-    args = argparse.Namespace(channels_last=True, epochs=2, output_dir="w", run_name="r")
+    trainer = engine.Trainer(model, build_criterion(), optimizer, scaler, CUDA, dtype, channels_last=True,
+                             is_main=False)
 
     def epoch(n):
         loader.sampler.set_epoch(n)
-        state = torch.zeros(2, dtype=torch.float64, device=CUDA)
+        trainer.loss_state.zero_()
         with engine.StopRequest() as stop:
-            return engine.train_one_epoch(model, build_criterion(), optimizer, scaler, loader, CUDA, n, args, dtype,
-                                         stop, 0, state, False, 1, lambda step: BASE_LR)
+            return engine.train_one_epoch(trainer, loader, n, 2, lambda step: BASE_LR, stop)
 
     epoch(0)  # cuDNN autotuning and the allocator's growth
-    (state, steps, stopped), syncs = _count_syncs(lambda: epoch(1))
-    assert steps == 20 and not stopped and state[1].item() == 20
+    (steps, stopped), syncs = _count_syncs(lambda: epoch(1))
+    assert steps == 20 and not stopped and trainer.loss_state[1].item() == 20
     assert syncs <= 4 * (steps // engine.CHECK_EVERY + 1) < steps, syncs
     val_set, _ = make_dataset(drinks, "test", 64, 96, augment="none", limit=12, workers=0)
     val_loader = build_loader(val_set, 4, train=False, workers=0)

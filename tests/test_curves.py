@@ -9,7 +9,6 @@ import curves
 from seglib import plots
 from seglib.files import DataError, read_metrics
 
-
 ROOT = curves.Path(curves.__file__).parent
 
 

@@ -14,7 +14,6 @@ import data_generator as dg
 from seglib import annotations
 from seglib.files import DataError
 
-
 ROOT = Path(dg.__file__).parent
 
 # ------------------------------------------------------------------------------------------ the real dataset

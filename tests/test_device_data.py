@@ -13,7 +13,6 @@ from model_utils import DistInfo
 from seglib import device_data as dd
 from seglib.annotations import train_transform
 
-
 CPU = torch.device("cpu")
 
 

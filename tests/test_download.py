@@ -15,7 +15,6 @@ import data_generator
 from seglib import download as dl
 from seglib.files import DataError
 
-
 ROOT = dl.Path(data_generator.__file__).parent
 
 

@@ -8,8 +8,8 @@ from torch import nn
 
 import evaluate
 import train
-from seglib.checkpoints import load_checkpoint
 from seglib import scoring
+from seglib.checkpoints import load_checkpoint
 from seglib.engine import ModelEMA
 from seglib.registry import model_from_checkpoint
 

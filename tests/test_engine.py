@@ -116,7 +116,6 @@ def test_a_check_step_reads_the_device_once(monkeypatch):
     optimizer = engine.build_optimizer(model, 1e-3, 1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = [(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 4, (1, 32, 32)))] * 10
-    args = argparse.Namespace(epochs=1, channels_last=False, output_dir="w", run_name="r")
     reads = []  # the loop's own reads (the optimizer's CPU step counters are read with item() too)
 
     def counted(name, original):
@@ -128,7 +127,7 @@ def test_a_check_step_reads_the_device_once(monkeypatch):
     for name in ("item", "tolist", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     stop = engine.StopRequest()
-    state, step, stopped = engine.train_one_epoch(
-        model, torch.nn.functional.cross_entropy, optimizer, scaler, loader, torch.device("cpu"), 0, args, None,
-        stop, 0, torch.zeros(2, dtype=torch.float64), False, 1, lambda s: 1e-3)
+    trainer = engine.Trainer(model, torch.nn.functional.cross_entropy, optimizer, scaler, torch.device("cpu"),
+                             is_main=False)
+    step, stopped = engine.train_one_epoch(trainer, loader, 0, 1, lambda s: 1e-3, stop)
     assert (step, stopped) == (10, False) and reads == ["tolist"]

@@ -20,7 +20,6 @@ from seglib.files import CheckpointError, ExportError, read_image
 from seglib.onnx_model import CONFIG_KEY, OnnxModel, read_metadata
 from seglib.registry import model_from_checkpoint
 
-
 ROOT = dg.Path(dg.__file__).parent
 
 

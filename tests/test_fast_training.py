@@ -15,11 +15,10 @@ from torch.nn import functional as F
 
 import train
 from model_utils import make_grad_scaler
-from seglib.checkpoints import BackgroundWriter, host_copy, load_checkpoint
 from seglib import checkpoints
+from seglib.checkpoints import BackgroundWriter, host_copy, load_checkpoint
 from seglib.engine import LossFunction, build_optimizer, train_step
 from seglib.registry import build_model
-
 
 ROOT = train.Path(train.__file__).parent
 COMMON = ["--height", 40, "--width", 48, "--limit", 24, "--val-fraction", 0.005, "--deterministic", "--no-test",

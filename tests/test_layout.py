@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[1]
 CARD_LIBRARIES = {"resnet", "fcn", "data_generator", "model_utils"}  # the card's files that scripts import
 HUB = "hubconf"  # torch.hub's entry file: it must sit at the top and run nothing

@@ -9,6 +9,7 @@ import torch
 
 import model_utils as mu
 from fcn import build_fcn
+from seglib.checkpoints import load_checkpoint, save_checkpoint
 from seglib.files import CheckpointError
 from seglib.registry import SAME_PADDING, model_from_checkpoint
 
@@ -22,9 +23,9 @@ def _state(n_layers=1):
 
 def test_checkpoint_round_trip(tmp_path):
     model, state = _state()
-    mu.save_checkpoint(state, tmp_path / "c.pt")
+    save_checkpoint(state, tmp_path / "c.pt")
     assert not list(tmp_path.glob(".*tmp"))
-    ckpt = mu.load_checkpoint(tmp_path / "c.pt")
+    ckpt = load_checkpoint(tmp_path / "c.pt")
     loaded = model_from_checkpoint(ckpt)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
@@ -35,21 +36,21 @@ class Payload:
 
 def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
-        mu.load_checkpoint(tmp_path / "missing.pt")
+        load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x04garbage" * 10)
     with pytest.raises(CheckpointError, match="corrupt.pt: not a readable checkpoint"):
-        mu.load_checkpoint(tmp_path / "corrupt.pt")
+        load_checkpoint(tmp_path / "corrupt.pt")
     torch.save({"model": {}, "config": Payload()}, tmp_path / "pickle.pt")
     with pytest.raises(CheckpointError, match="pickle.pt: not a readable checkpoint"):
-        mu.load_checkpoint(tmp_path / "pickle.pt")
+        load_checkpoint(tmp_path / "pickle.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt: not a checkpoint of this project"):
-        mu.load_checkpoint(tmp_path / "other.pt")
+        load_checkpoint(tmp_path / "other.pt")
     _, state = _state(n_layers=1)
     state["config"]["n_layers"] = 3
-    mu.save_checkpoint(state, tmp_path / "mismatch.pt")
+    save_checkpoint(state, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="mismatch.pt: weights do not fit"):
-        model_from_checkpoint(mu.load_checkpoint(tmp_path / "mismatch.pt"), tmp_path / "mismatch.pt")
+        model_from_checkpoint(load_checkpoint(tmp_path / "mismatch.pt"), tmp_path / "mismatch.pt")
 
 
 def test_evaluate_cli_on_a_bad_checkpoint(tmp_path):
@@ -132,7 +133,7 @@ def test_workers_are_shared_among_the_processes_of_a_machine(monkeypatch):
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     model, state = _state()
     path = tmp_path / "last.pt"
-    mu.save_checkpoint(state, path)
+    save_checkpoint(state, path)
     before = path.read_bytes()
 
     def torch_save_then_disk_full(obj, f):
@@ -141,7 +142,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, mon
 
     monkeypatch.setattr(mu.torch, "save", torch_save_then_disk_full)
     with pytest.raises(OSError, match="No space left"):
-        mu.save_checkpoint({"model": {}, "config": {}}, path)
+        save_checkpoint({"model": {}, "config": {}}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
@@ -157,9 +158,9 @@ def test_malformed_checkpoint_entries_are_one_line_each(tmp_path):
                 "string": "string.pt: checkpoint config's model 'fcn_resnet56v2' or its options",
                 "options": "options.pt: checkpoint config's model_options is not a dict"}
     for name, bad in cases.items():
-        mu.save_checkpoint(bad, tmp_path / f"{name}.pt")
+        save_checkpoint(bad, tmp_path / f"{name}.pt")
         with pytest.raises(CheckpointError, match=messages[name]):
-            model_from_checkpoint(mu.load_checkpoint(tmp_path / f"{name}.pt"), tmp_path / f"{name}.pt")
-    mu.save_checkpoint({**state, "ema": {"decay": 0.99}}, tmp_path / "ema.pt")
-    loaded = model_from_checkpoint(mu.load_checkpoint(tmp_path / "ema.pt"), tmp_path / "ema.pt")
+            model_from_checkpoint(load_checkpoint(tmp_path / f"{name}.pt"), tmp_path / f"{name}.pt")
+    save_checkpoint({**state, "ema": {"decay": 0.99}}, tmp_path / "ema.pt")
+    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "ema.pt"), tmp_path / "ema.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

@@ -10,7 +10,6 @@ from torch.profiler import ProfilerActivity, profile
 import benchmark
 from seglib.profiling import COMPILED_GROUP, categorise, epoch_figures, profile_steps, summarise
 
-
 CPU = torch.device("cpu")
 
 

@@ -8,8 +8,8 @@ import torch
 import data_generator as dg
 import evaluate
 import export
-from seglib.checkpoints import load_checkpoint
 from seglib import scoring
+from seglib.checkpoints import load_checkpoint
 from seglib.registry import model_from_checkpoint
 
 

@@ -17,6 +17,7 @@ import model_utils as mu
 import train
 from fcn import build_fcn
 from seglib import engine, registry
+from seglib.checkpoints import load_checkpoint, save_checkpoint
 from seglib.files import CheckpointError, ModelError, TrainingError
 from seglib.registry import MODELS, build_model
 
@@ -100,7 +101,7 @@ def test_tiny_run_of_another_model_evaluates_without_model_flags(tmp_path, drink
     run = _tiny_run(tmp_path, drinks, "--model", name)
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == name
-    ckpt = mu.load_checkpoint(run / "best.pt")
+    ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["config"]["model"] == name
     assert ckpt["config"]["model_options"] == registry.get_spec(name).options
     args = evaluate.get_args_parser().parse_args([
@@ -132,8 +133,8 @@ def test_checkpoint_written_before_the_registry_reads_as_the_books_fcn(tmp_path)
     # exactly what train.checkpoint_state wrote before models had names (and before the TensorFlow padding)
     old_config = {"n_classes": 4, "depth": 11, "n_layers": 2, "height": 32, "width": 40,
                   "class_names": ["background", "Water", "Soda", "Juice"]}
-    mu.save_checkpoint({"model": model.state_dict(), "config": old_config}, tmp_path / "old.pt")
-    ckpt = mu.load_checkpoint(tmp_path / "old.pt")
+    save_checkpoint({"model": model.state_dict(), "config": old_config}, tmp_path / "old.pt")
+    ckpt = load_checkpoint(tmp_path / "old.pt")
     assert registry.checkpoint_model(ckpt["config"]) == ("fcn_resnet56v2", {"depth": 11, "n_layers": 2})
     with pytest.raises(CheckpointError, match=r"old.pt: an FCN trained before its stride-2 layers were padded"):
         registry.model_from_checkpoint(ckpt, tmp_path / "old.pt")
@@ -148,9 +149,9 @@ def test_checkpoint_naming_an_unknown_model_is_a_clear_error(tmp_path):
     model = build_fcn(depth=11, n_layers=1)
     config = {"n_classes": 4, "model": "segformer_b9", "model_options": {}, "height": 32, "width": 40,
               "class_names": ["a", "b", "c", "d"]}
-    mu.save_checkpoint({"model": model.state_dict(), "config": config}, tmp_path / "future.pt")
+    save_checkpoint({"model": model.state_dict(), "config": config}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="future.pt: unknown model 'segformer_b9'"):
-        registry.model_from_checkpoint(mu.load_checkpoint(tmp_path / "future.pt"), tmp_path / "future.pt")
+        registry.model_from_checkpoint(load_checkpoint(tmp_path / "future.pt"), tmp_path / "future.pt")
 
 
 def test_local_backbone_file_of_the_books_resnet_is_loaded(tmp_path):
@@ -199,7 +200,7 @@ def test_backbone_from_a_good_file_trains(tmp_path, drinks):
                     "--n-layers", "1", "--lr", "0")
     assert json.loads((run / "config.json").read_text())["pretrained_backbone"] == str(tmp_path / "resnet11v2.pt")
     # at a rate of 0 the trained kernels are still the file's: the run started from them
-    trained = mu.load_checkpoint(run / "best.pt")["model"]
+    trained = load_checkpoint(run / "best.pt")["model"]
     kernels = [k for k, v in donor.items() if v.dim() == 4]
     assert kernels and all(torch.equal(trained[f"backbone.{k}"], donor[k]) for k in kernels)
 

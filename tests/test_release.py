@@ -12,11 +12,10 @@ import torch
 
 import export
 import hubconf
-from seglib.checkpoints import load_checkpoint
 from seglib import scoring
+from seglib.checkpoints import load_checkpoint
 from seglib.files import CheckpointError, ModelError
 from seglib.registry import MODELS, model_from_checkpoint
-
 
 ROOT = export.Path(export.__file__).parent
 

@@ -20,7 +20,6 @@ import export
 import train
 from seglib.files import DataError, image_size, output_names, read_image, run_cli
 
-
 SCRIPTS = {"train": train, "evaluate": evaluate, "export": export, "benchmark": benchmark, "curves": curves,
            "data_generator": data_generator}
 TINY = ["--height", "32", "--width", "40", "--workers", "0", "--device", "cpu", "--depth", "11", "--n-layers", "1"]

@@ -15,10 +15,9 @@ from PIL import Image
 import data_generator as dg
 import evaluate
 import train
-from seglib.checkpoints import load_checkpoint
 from seglib import engine, inference, scoring
+from seglib.checkpoints import load_checkpoint
 from seglib.files import TrainingError, UsageError
-
 
 ROOT = dg.Path(dg.__file__).parent
 
