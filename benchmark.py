@@ -1,15 +1,11 @@
 """Measure training and inference throughput of a registered model (the book's FCN by default), its FLOPs and
 MFU, and the data pipeline's rate.
 
-Everything is measured in one process, after warm-up: the project's fast settings (bf16 autocast where the
-hardware has it, channels_last; for inference also BatchNorm folded into the convs, bf16 weights and, as with
-``evaluate.py --compile``, a frozen torch.compile graph; the eager fast path is reported beside it) against
-a plain port of the same network in float32 eager mode (stock PyTorch layers, glibc's default malloc), so the
-speed-ups are ratios taken side by side. A third measurement, the project's network and allocator setting in
-float32 eager mode (``fp32_*``), shows how much of the speed-up is not bf16. The peak of a large matrix
-multiply, measured in the same process, gives the model FLOP utilisation (MFU). On the CPU the model exported
-by export.py (float32, BatchNorm folded) is timed under onnxruntime too (``onnx_infer_img_s``), at the same size
-and batch.
+Everything is measured in one process, after warm-up: the project's fast settings (bf16 autocast, channels_last;
+for inference BatchNorm folded, bf16 weights and, as ``evaluate.py --compile``, a frozen torch.compile graph)
+against a plain port in float32 eager mode (stock layers, glibc's default malloc), side by side. The project's
+network in float32 (``fp32_*``) shows how much of the speed-up is not bf16. A large matrix multiply's peak in
+the same process gives the MFU. On the CPU the ONNX export is timed under onnxruntime too (``onnx_infer_img_s``).
 
     python benchmark.py --height 240 --width 320 --batch-size 4 --steps 3 --device cpu --json
     python benchmark.py --height 480 --width 640 --batch-size 4 --device cuda --no-infer-compile   # the book's size
